@@ -1,0 +1,43 @@
+# One-command set-up, tests and demo. Everything runs inside .venv built from requirements.txt.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+DEMO_WORKDIR ?= workdirs/demo
+PYTEST_ARGS ?=
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: venv data test test-slow demo results clean-venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+# Fashion-MNIST IDX files from Debian's dataset-fashion-mnist package (works offline from a Debian mirror).
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) >/dev/null; \
+	else \
+	  echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or set FMNIST_DIR"; exit 1; \
+	fi
+
+test: venv data
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv data
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+
+demo: venv data
+	$(PY) train.py --config=configs/fashion_mnist.py:demo --workdir=$(DEMO_WORKDIR)
+
+results: venv data
+	$(PY) -m rd_keras.bench report
+
+clean-venv:
+	rm -rf $(VENV)
