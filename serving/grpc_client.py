@@ -1,0 +1,118 @@
+"""gRPC client for TF Serving's PredictionService (works with tensorflow_model_server and serving.dev_server).
+
+    from serving import grpc_client
+    outputs = grpc_client.predict(images_uint8, "127.0.0.1", 8500, "plain")
+    outputs["classes"], outputs["probabilities"]
+
+    python -m serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --idx=t10k-images-idx3-ubyte.gz \
+        --limit=100 [--batch_size=64] [--json]
+
+Failures raise `ServingError` naming host:port: UNAVAILABLE when nothing answers there, the server's own
+detail (e.g. INVALID_ARGUMENT: wrong shape) when the request is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from google.protobuf import json_format, wrappers_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from serving import client_common
+from serving.client_common import ServingError
+
+# TF Serving accepts up to INT_MAX bytes; the client must allow as much for large batches of outputs.
+_CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
+
+
+class Client:
+    """One channel to one server and model; reuse it for many requests. A context manager."""
+
+    def __init__(self, host: str, port: int, model_name: str, timeout: float = 10.0):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.target = f"{host}:{port}"
+        self.model_name, self.timeout = model_name, timeout
+        self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def _model_spec(self, signature_name: str = "", version: int | None = None) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature_name)
+        if version is not None:
+            spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
+        return spec
+
+    def _call(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ServingError(self.target, error.code().name, error.details()) from None
+
+    def predict(
+        self,
+        images: np.ndarray,
+        signature_name: str = "serving_default",
+        version: int | None = None,
+        input_key: str = "images",
+    ) -> dict[str, np.ndarray]:
+        """Outputs of `signature_name` for `images` (sent as-is: uint8 for serving_default), as numpy arrays."""
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(signature_name, version))
+        request.inputs[input_key].CopyFrom(tf.make_tensor_proto(np.asarray(images)))
+        response = self._call(self._stub.Predict, request)
+        return {key: tf.make_ndarray(proto) for key, proto in response.outputs.items()}
+
+    def metadata(self, version: int | None = None) -> dict:
+        """Signatures of the served model, in the form of `client_common.summarize_metadata`."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=self._model_spec(version=version), metadata_field=["signature_def"]
+        )
+        response = self._call(self._stub.GetModelMetadata, request)
+        signature_defs = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_defs)
+        return client_common.summarize_metadata(
+            json_format.MessageToDict(response.model_spec, preserving_proto_field_name=True),
+            json_format.MessageToDict(signature_defs, preserving_proto_field_name=True),
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def predict(
+    images: np.ndarray,
+    host: str,
+    port: int,
+    model_name: str,
+    signature_name: str = "serving_default",
+    version: int | None = None,
+    timeout: float = 10.0,
+) -> dict[str, np.ndarray]:
+    """One Predict call on a fresh channel; use `Client` for many calls."""
+    with Client(host, port, model_name, timeout) as client:
+        return client.predict(images, signature_name, version)
+
+
+def metadata(host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0) -> dict:
+    """One GetModelMetadata call on a fresh channel."""
+    with Client(host, port, model_name, timeout) as client:
+        return client.metadata(version)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return client_common.main(argv, Client, "gRPC", "127.0.0.1:8500")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""REST client for TF Serving's `:predict` API (tensorflow_model_server or serving.dev_server); urllib only.
+
+    from serving import rest_client
+    outputs = rest_client.predict(images_uint8, "127.0.0.1", 8501, "plain")
+
+    python -m serving.rest_client --server=127.0.0.1:8501 --model_name=plain --images_dir=some/pngs [--json]
+
+Requests use the row format ({"instances": [...]}); outputs come back as numpy arrays with the dtypes JSON
+can carry (float64 for float outputs, int64 for integer ones). Failures raise `ServingError` naming
+host:port, with the server's {"error": ...} message when it refused the request.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from typing import Any, Sequence
+
+import numpy as np
+
+from serving import client_common
+from serving.client_common import ServingError
+
+_HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 500: "INTERNAL", 503: "UNAVAILABLE"}
+
+
+class Client:
+    """Requests to one server and model. A context manager, like the gRPC client (nothing to release)."""
+
+    def __init__(self, host: str, port: int, model_name: str, timeout: float = 10.0):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.target = f"{host}:{port}"
+        self.model_name, self.timeout = model_name, timeout
+
+    def _url(self, version: int | None, suffix: str) -> str:
+        path = f"/v1/models/{urllib.request.quote(self.model_name, safe='')}"
+        if version is not None:
+            path += f"/versions/{int(version)}"
+        return f"http://{self.target}{path}{suffix}"
+
+    def _request(self, url: str, body: dict | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            raw = error.read()
+            try:
+                detail = json.loads(raw)["error"]
+            except (ValueError, KeyError, TypeError):
+                detail = raw.decode("utf-8", "replace")[:500] or error.reason
+            raise ServingError(self.target, _HTTP_CODES.get(error.code, f"HTTP {error.code}"), detail) from None
+        except (urllib.error.URLError, OSError) as error:  # refused connection, timeout, reset
+            raise ServingError(self.target, "UNAVAILABLE", str(getattr(error, "reason", error))) from None
+
+    def predict(
+        self,
+        images: np.ndarray,
+        signature_name: str = "serving_default",
+        version: int | None = None,
+        input_key: str = "images",
+    ) -> dict[str, np.ndarray]:
+        """Outputs of `signature_name` for `images`; a single-output signature returns {"predictions": ...}."""
+        images = np.asarray(images)
+        instances = [{input_key: image} for image in images.tolist()]
+        body = {"signature_name": signature_name, "instances": instances}
+        reply = self._request(self._url(version, ":predict"), body)
+        predictions = reply["predictions"]
+        if predictions and isinstance(predictions[0], dict):
+            return {key: np.asarray([row[key] for row in predictions]) for key in predictions[0]}
+        return {"predictions": np.asarray(predictions)}
+
+    def metadata(self, version: int | None = None) -> dict:
+        """Signatures of the served model, in the form of `client_common.summarize_metadata`."""
+        reply = self._request(self._url(version, "/metadata"))
+        return client_common.summarize_metadata(reply["model_spec"], reply["metadata"]["signature_def"])
+
+    def close(self) -> None:
+        """Nothing to release: urllib opens one connection per request."""
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def predict(
+    images: np.ndarray,
+    host: str,
+    port: int,
+    model_name: str,
+    signature_name: str = "serving_default",
+    version: int | None = None,
+    timeout: float = 10.0,
+) -> dict[str, np.ndarray]:
+    """One `:predict` request."""
+    return Client(host, port, model_name, timeout).predict(images, signature_name, version)
+
+
+def metadata(host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0) -> dict:
+    """One `/metadata` request."""
+    return Client(host, port, model_name, timeout).metadata(version)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return client_common.main(argv, Client, "REST", "127.0.0.1:8501")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
