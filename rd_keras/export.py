@@ -1,0 +1,264 @@
+"""Ship the plain net of a training workdir: fold, export, check, report.
+
+    python -m rd_keras.export --workdir=W [--format=saved_model|tflite|all]
+        [--quantize=none,fp16,dynamic,int8] [--qat_steps=N] [--model_name=plain] [--eval_examples=1000]
+
+reads `W/config.json` and `W/plain.keras`, folds BatchNormalization and Dirac convs into plain convs
+(`rd_keras.folding`), and writes under `W/export/`:
+
+- `saved_model/<model_name>/<version>/`: a new TF Serving version (`rd_keras.saved_model_export`),
+- `tflite/plain_<quant>.tflite` for each requested quantisation, `plain_qat.tflite` when `--qat_steps > 0`
+  (`rd_keras.tflite_export`, `rd_keras.qat`),
+- `report.json`: for the Keras model and every artefact, accuracy on the same evaluation images, top-1
+  agreement with the Keras model, the largest probability difference, size and input contract.
+
+The same runs from Python with `export_workdir(...)`, e.g. at the end of training. docs/deploy.md has the
+contracts and measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from rd_keras import architectures, data, folding, saved_model_export, tflite_export
+
+FORMATS = ("saved_model", "tflite")
+EVAL_BATCH = 100
+# A correct fold changes logits only by float rounding; more than this means the fold itself is wrong.
+FOLD_TOLERANCE = 1e-3
+
+
+def load_workdir(workdir):
+    """`(config, model)` from `workdir/config.json` and `workdir/plain.keras`, with one clear error each."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"Workdir not found: {workdir!r}")
+    config_path, model_path = os.path.join(workdir, "config.json"), os.path.join(workdir, "plain.keras")
+    for path in (config_path, model_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: missing; is {workdir!r} a finished training workdir?")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    return config, keras.saving.load_model(model_path, compile=False)
+
+
+def _as_tuple(value, allowed, name):
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    if "all" in items:
+        items = list(allowed)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"`{name}` must be a comma-separated subset of {allowed} (or 'all'). "
+                         f"Received: {name}={value!r}")
+    return tuple(dict.fromkeys(items))  # dedupe, keep order
+
+
+def _validate(model_name, qat_steps, eval_examples, calibration_examples, formats, int8_io):
+    if not model_name or model_name.startswith(".") or os.sep in model_name or model_name.isdigit():
+        raise ValueError(f"`model_name` must be a plain directory name, not hidden and not a number. "
+                         f"Received: model_name={model_name!r}")
+    for name, value, low in (("qat_steps", qat_steps, 0), ("eval_examples", eval_examples, 1),
+                             ("calibration_examples", calibration_examples, 1)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+    if qat_steps and "tflite" not in formats:
+        raise ValueError(f"QAT produces a .tflite file: `qat_steps` needs the tflite format. "
+                         f"Received: qat_steps={qat_steps}, formats={formats}")
+    if int8_io not in tflite_export.IO_TYPES:
+        raise ValueError(f"`int8_io` must be one of {tflite_export.IO_TYPES}. Received: int8_io={int8_io!r}")
+
+
+def _batches(array, progress, desc):
+    starts = range(0, len(array), EVAL_BATCH)
+    for start in tqdm.tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        yield array[start:start + EVAL_BATCH]
+
+
+def _compare(probabilities, labels, reference):
+    top1 = probabilities.argmax(-1)
+    return {"accuracy": float(np.mean(top1 == labels)),
+            "top1_agreement": float(np.mean(top1 == reference.argmax(-1))),
+            "max_abs_prob_diff": float(np.abs(probabilities - reference).max())}
+
+
+def _keras_logits(model, normalised, progress, desc):
+    return np.concatenate([keras.ops.convert_to_numpy(model(batch, training=False))
+                           for batch in _batches(normalised, progress, desc)])
+
+
+def _write_atomic(path, payload):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _dir_size(path):
+    return sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(path) for name in names)
+
+
+def _export_saved_model(folded, export_dir, model_name, info, images, labels, reference, progress):
+    version, path = saved_model_export.export_version(
+        folded, os.path.join(export_dir, "saved_model", model_name), image_shape=info.image_shape,
+        mean=info.mean, std=info.std, warmup_images=images, model_name=model_name)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    probabilities = np.concatenate([
+        serve(images=tf.constant(batch))["probabilities"].numpy()
+        for batch in _batches(images, progress, "saved_model")])
+    input_spec = {"dtype": "uint8", "shape": [-1, *info.image_shape], "normalised": False}
+    return {"path": path, "version": version, "size_bytes": _dir_size(path),
+            "signatures": list(saved_model_export.SIGNATURES), "input": input_spec,
+            **_compare(probabilities, labels, reference)}
+
+
+def _run_qat(workdir, path, steps, io_type, learning_rate, progress):
+    # QAT runs in its own interpreter: importing tensorflow_model_optimization switches tf.keras to
+    # tf_keras process-wide, which must never happen to the Keras 3 process that called us.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "rd_keras.qat", f"--workdir={workdir}", f"--steps={steps}",
+               f"--output={path}", f"--io_type={io_type}", f"--learning_rate={learning_rate}",
+               *([] if progress else ["--quiet"])]
+    result = subprocess.run(command, env=env, check=False)
+    if result.returncode or not os.path.isfile(path):
+        raise RuntimeError(f"QAT failed (exit code {result.returncode}): {' '.join(command)}")
+
+
+def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalised, labels, reference, *,
+                   calibration_examples, int8_io, qat, progress):
+    tflite_dir = os.path.join(export_dir, "tflite")
+    os.makedirs(tflite_dir, exist_ok=True)
+    calibration = None
+    if "int8" in quantize:
+        raw, _ = data.raw_examples(config, "train", calibration_examples)
+        calibration = data.normalize(raw, info.mean, info.std).numpy()
+    results = {}
+    for quant in quantize + (("qat",) if qat else ()):
+        path = os.path.join(tflite_dir, f"plain_{quant}.tflite")
+        if quant == "qat":
+            _run_qat(workdir, path, *qat, progress)
+        else:
+            batches = (batch[None] for batch in tqdm.tqdm(
+                calibration, desc="int8 calibration", disable=not progress, leave=False,
+                unit="image")) if quant == "int8" else None
+            _write_atomic(path, tflite_export.convert(folded, info.image_shape, quant, batches, int8_io))
+        runner = tflite_export.TFLiteRunner(path)
+        probabilities = np.concatenate([runner(batch)
+                                        for batch in _batches(normalised, progress, f"tflite {quant}")])
+        results[f"tflite_{quant}"] = {"path": path, "size_bytes": os.path.getsize(path),
+                                      **runner.input_contract(),
+                                      **_compare(probabilities, labels, reference)}
+    return results
+
+
+def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATIONS, qat_steps=0,
+                   model_name="plain", eval_examples=1000, calibration_examples=256, int8_io="int8",
+                   qat_learning_rate=1e-3, progress=True):
+    """Exports `workdir/plain.keras` as described in the module docstring; returns the report dict.
+
+    `formats` and `quantize` take sequences or comma-separated strings ("all" selects everything).
+    """
+    formats = _as_tuple(formats, FORMATS, "formats")
+    quantize = _as_tuple(quantize, tflite_export.QUANTIZATIONS, "quantize")
+    _validate(model_name, qat_steps, eval_examples, calibration_examples, formats, int8_io)
+    config, model = load_workdir(workdir)
+    _, _, info = data.datasets(config)
+    classifier = architectures.classifier(model)
+    folded = folding.fold(classifier)
+    if tuple(classifier.input.shape[1:]) != tuple(info.image_shape):
+        raise ValueError(f"{workdir}/plain.keras takes images of shape {classifier.input.shape[1:]}, "
+                         f"but config.json's data pipeline yields {info.image_shape}.")
+
+    images, labels = data.raw_examples(config, "test", eval_examples)
+    normalised = data.normalize(images, info.mean, info.std).numpy()
+    logits = _keras_logits(classifier, normalised, progress, "keras")
+    fold_diff = float(np.abs(_keras_logits(folded, normalised, progress, "folded") - logits).max())
+    if fold_diff > FOLD_TOLERANCE * (1.0 + np.abs(logits).max()):
+        raise RuntimeError(f"Folded model differs from plain.keras by {fold_diff} in the logits.")
+    reference = tf.nn.softmax(logits).numpy()
+
+    export_dir = os.path.join(workdir, "export")
+    artefacts = {"keras": {"path": os.path.join(workdir, "plain.keras"),
+                           "size_bytes": os.path.getsize(os.path.join(workdir, "plain.keras")),
+                           "input": {"dtype": "float32", "shape": [-1, *info.image_shape],
+                                     "normalised": True},
+                           **_compare(reference, labels, reference)}}
+    if "saved_model" in formats:
+        artefacts["saved_model"] = _export_saved_model(folded, export_dir, model_name, info, images,
+                                                       labels, reference, progress)
+    if "tflite" in formats:
+        qat = (qat_steps, int8_io, qat_learning_rate) if qat_steps else None
+        artefacts.update(_export_tflite(
+            folded, config, workdir, export_dir, quantize, info, normalised, labels, reference,
+            calibration_examples=calibration_examples, int8_io=int8_io, qat=qat, progress=progress))
+    report = {
+        "workdir": os.path.abspath(workdir),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": config.get("model", ml_collections.ConfigDict()).to_dict(),
+        "data": {"image_shape": list(info.image_shape), "mean": list(info.mean), "std": list(info.std)},
+        "eval": {"split": "test", "examples": int(len(labels))},
+        "fold": {"max_abs_logit_diff": fold_diff, "params": int(folded.count_params()),
+                 "layers": len(folded.layers), "unfolded_params": int(classifier.count_params())},
+        "artefacts": artefacts,
+    }
+    os.makedirs(export_dir, exist_ok=True)
+    _write_atomic(os.path.join(export_dir, "report.json"), json.dumps(report, indent=2).encode())
+    return report
+
+
+def format_table(report):
+    """The report's artefacts as a fixed-width text table."""
+    rows = [("artefact", "size", "accuracy", "top-1 agree", "max |dp|", "input")]
+    for name, entry in report["artefacts"].items():
+        spec = entry["input"]
+        quant = f" q=({spec['scale']:.4g},{spec['zero_point']})" if "scale" in spec else ""
+        rows.append((name, f"{entry['size_bytes'] / 1024:.1f} KiB", f"{entry['accuracy']:.4f}",
+                     f"{entry['top1_agreement']:.4f}", f"{entry['max_abs_prob_diff']:.2e}",
+                     f"{spec['dtype']} {'normalised' if spec['normalised'] else 'raw pixels'}{quant}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m rd_keras.export", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir with config.json, plain.keras")
+    parser.add_argument("--format", default="all", help="saved_model, tflite or all (default)")
+    parser.add_argument("--quantize", default="none,fp16,dynamic,int8",
+                        help="comma-separated TFLite variants: none, fp16, dynamic, int8 (default: all)")
+    parser.add_argument("--qat_steps", type=int, default=0, help="quantisation-aware fine-tune steps "
+                        "(0 = no QAT)")
+    parser.add_argument("--qat_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--model_name", default="plain", help="TF Serving model name (directory)")
+    parser.add_argument("--eval_examples", type=int, default=1000, help="evaluation images for the report")
+    parser.add_argument("--calibration_examples", type=int, default=256, help="int8 calibration images")
+    parser.add_argument("--int8_io", default="int8", choices=tflite_export.IO_TYPES,
+                        help="input/output type of the full-integer models")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    try:
+        report = export_workdir(
+            args.workdir, formats=args.format, quantize=args.quantize, qat_steps=args.qat_steps,
+            model_name=args.model_name, eval_examples=args.eval_examples,
+            calibration_examples=args.calibration_examples, int8_io=args.int8_io,
+            qat_learning_rate=args.qat_learning_rate, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    print(format_table(report))
+    print(f"\nreport: {os.path.join(args.workdir, 'export', 'report.json')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Quantisation-aware training (QAT) of the plain net, to a full-integer `.tflite`.
+
+    python -m rd_keras.qat --workdir=W --steps=N --output=W/export/tflite/plain_qat.tflite
+        [--io_type=int8|uint8] [--learning_rate=1e-3]
+
+`rd_keras.export --qat_steps=N` starts this as a subprocess; it is the only module that imports
+`tensorflow_model_optimization` (tfmot). tfmot works only on tf_keras models and switches `tf.keras` to
+tf_keras for the whole process on import, so it must never run inside a Keras 3 process that goes on to
+train or export.
+
+How: load `plain.keras` with Keras 3 and fold BN/Dirac into the convs (`rd_keras.folding`); rebuild the
+folded graph layer by layer in tf_keras (same names, same weights, checked to give the same logits) with a
+final softmax; `quantize_model` with tfmot's default 8-bit scheme (Conv+ReLU, Add+ReLU and Dense patterns
+all quantise cleanly without BN); fine-tune N steps on the training pipeline with SGD at a small learning
+rate; convert. The result has the `.tflite` contract of `rd_keras.tflite_export` for `int8`: signature
+`serving_default`, int8 (or uint8) normalised `images`, quantised `probabilities`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import keras
+import numpy as np
+
+from rd_keras import architectures, data, folding
+from rd_keras.export import load_workdir
+from rd_keras.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
+
+MOMENTUM = 0.9
+# Keras 3 config keys that each supported layer keeps in tf_keras (same names and meaning in both).
+_LAYER_ARGS = {
+    "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "groups", "activation",
+               "use_bias"),
+    "Dense": ("units", "activation", "use_bias"),
+    "ReLU": ("max_value", "negative_slope", "threshold"),
+    "Add": (),
+    "GlobalAveragePooling2D": ("keepdims",),
+    "MaxPooling2D": ("pool_size", "strides", "padding"),
+    "AveragePooling2D": ("pool_size", "strides", "padding"),
+}
+
+
+def _graph(folded):
+    """The folded Keras 3 graph as plain data: `(class, kwargs, input names, weights)` per layer."""
+    layers = []
+    for node in folding._nodes_in_order(folded):
+        layer = node.operation
+        kind = type(layer).__name__
+        if kind not in _LAYER_ARGS:
+            raise ValueError(f"QAT cannot rebuild layer {layer.name!r} of type {kind} in tf_keras; "
+                             f"supported: {sorted(_LAYER_ARGS)}")
+        config = layer.get_config()
+        kwargs = {key: config[key] for key in _LAYER_ARGS[kind] if key in config}
+        sources = [t._keras_history.operation.name for t in node.arguments.keras_tensors]
+        layers.append((kind, layer.name, kwargs, sources, layer.get_weights()))
+    return layers
+
+
+def _tf_keras_model(tf_keras, input_shape, input_name, graph):
+    """The graph in tf_keras, ending in a softmax named `probabilities`."""
+    inputs = tf_keras.Input(input_shape, name=INPUT_NAME)
+    tensors = {input_name: inputs}
+    built = []
+    for kind, name, kwargs, sources, weights in graph:
+        layer = getattr(tf_keras.layers, kind)(name=name, **kwargs)
+        args = [tensors[s] for s in sources]
+        tensors[name] = layer(args if kind == "Add" else args[0])
+        built.append((layer, weights))
+    for layer, weights in built:
+        layer.set_weights(weights)
+    logits = tensors[graph[-1][1]]
+    return tf_keras.Model(inputs, tf_keras.layers.Softmax(name=OUTPUT_NAME)(logits))
+
+
+def _convert(tf, model, input_shape, io_type):
+    # A SavedModel with an explicit signature gives the .tflite the same `images` -> `probabilities`
+    # names as the post-training variants (from_keras_model would name the output after the wrapper).
+    signature = tf.function(lambda images: {OUTPUT_NAME: model(images, training=False)},
+                            input_signature=[tf.TensorSpec([None, *input_shape], tf.float32,
+                                                           name=INPUT_NAME)])
+    with tempfile.TemporaryDirectory(prefix="rd_keras-qat-") as directory:
+        tf.saved_model.save(model, directory, signatures={SIGNATURE: signature})
+        converter = tf.lite.TFLiteConverter.from_saved_model(directory, signature_keys=[SIGNATURE])
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_type)
+        return converter.convert()
+
+
+def quantization_aware_tflite(config, model, *, steps, io_type="int8", learning_rate=1e-3, verbose=1):
+    """The `.tflite` bytes of `model` (a Keras 3 plain net) after `steps` steps of QAT."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive integer. Received: steps={steps!r}")
+    if io_type not in IO_TYPES:
+        raise ValueError(f"`io_type` must be one of {IO_TYPES}. Received: io_type={io_type!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"`learning_rate` must be positive. Received: learning_rate={learning_rate!r}")
+    folded = folding.fold(architectures.classifier(model))
+    input_shape = tuple(folded.input.shape[1:])
+    train_ds, _, _ = data.datasets(config)
+    probe = next(iter(train_ds))[0].numpy()[:16]
+    expected = keras.ops.convert_to_numpy(keras.ops.softmax(folded(probe, training=False)))
+
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+    import tf_keras
+
+    float_model = _tf_keras_model(tf_keras, input_shape, folded.layers[0].name, _graph(folded))
+    diff = float(np.abs(float_model(probe, training=False).numpy() - expected).max())
+    if diff > 1e-4:
+        raise RuntimeError(f"The tf_keras rebuild differs from plain.keras by {diff} in probabilities.")
+    quantized = tfmot.quantization.keras.quantize_model(float_model)
+    quantized.compile(tf_keras.optimizers.SGD(learning_rate, momentum=MOMENTUM),
+                      tf_keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    quantized.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+    return _convert(tf, quantized, input_shape, io_type)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m rd_keras.qat", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir with config.json, plain.keras")
+    parser.add_argument("--steps", type=int, required=True, help="fine-tune steps on the train pipeline")
+    parser.add_argument("--output", help="the .tflite path (default W/export/tflite/plain_qat.tflite)")
+    parser.add_argument("--io_type", default="int8", choices=IO_TYPES)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    output = args.output or os.path.join(args.workdir, "export", "tflite", "plain_qat.tflite")
+    try:
+        config, model = load_workdir(args.workdir)
+        payload = quantization_aware_tflite(config, model, steps=args.steps, io_type=args.io_type,
+                                            learning_rate=args.learning_rate, verbose=0 if args.quiet else 1)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+    os.replace(tmp, output)
+    print(f"QAT model ({len(payload)} bytes): {output}")
+
+
+if __name__ == "__main__":
+    main()
