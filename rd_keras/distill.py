@@ -1,0 +1,255 @@
+"""Losses and distributed steps: the Residual Distillation step, the supervised step and evaluation.
+
+RD objective of the plain (student) net, per global batch:
+
+    total = CE(y, plain) + m(t) * sum_i [CE(y, hybrid_i) + kd_alpha * T^2 * KL(p_teacher^T || p_hybrid_i^T)]
+            + weight decay of the plain net
+
+The hybrid terms are differentiated w.r.t. the plain variables only: they never move the teacher, but their
+gradient reaches the plain net's early stages *through* the teacher's later stages. In `joint` mode the
+teacher is trained at the same time on its own CE (+ its own weight decay) by its own optimizer.
+
+Every step runs under `strategy.run` and works with any tf.distribute strategy. Per-example losses are
+averaged with the *global* batch size and weight decay is divided by the number of replicas, so that the
+gradients summed across replicas by the optimizer equal the single-device gradient of the global batch.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from rd_keras import hybrid
+
+SUM = tf.distribute.ReduceOp.SUM
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Numbers the losses need. `weight_decay` is the L2 coefficient: penalty = wd/2 * sum ||kernel||^2,
+    i.e. a gradient of wd * kernel, as with PyTorch's SGD(weight_decay=wd)."""
+
+    global_batch_size: int
+    weight_decay: float = 0.0
+    temperature: float = 4.0
+    kd_alpha: float = 0.0
+
+    def __post_init__(self):
+        if not isinstance(self.global_batch_size, int) or self.global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be a positive int, got {self.global_batch_size!r}.")
+        if self.weight_decay < 0 or self.kd_alpha < 0:
+            raise ValueError(f"weight_decay and kd_alpha must be >= 0, got {self.weight_decay!r} and "
+                             f"{self.kd_alpha!r}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """One optimizer minimising `terms[objective]` w.r.t. `variables`."""
+
+    objective: str
+    optimizer: keras.optimizers.Optimizer
+    variables: list
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cross_entropy(labels, logits):
+    """Per-example softmax cross-entropy, float32."""
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32))
+
+
+def kd_loss(teacher_logits, student_logits, temperature):
+    """Per-example T^2 * KL(softmax(teacher/T) || softmax(student/T)); T^2 keeps gradient scales T-free."""
+    t = tf.cast(teacher_logits, tf.float32) / temperature
+    s = tf.cast(student_logits, tf.float32) / temperature
+    log_p_t, log_p_s = tf.nn.log_softmax(t), tf.nn.log_softmax(s)
+    return temperature ** 2 * tf.reduce_sum(tf.exp(log_p_t) * (log_p_t - log_p_s), axis=-1)
+
+
+def l2_penalty(model, weight_decay):
+    """wd/2 * sum of squared conv and dense kernels (BN parameters and biases are not decayed)."""
+    kernels = [v for v in model.trainable_variables if v.path.endswith("kernel")]
+    if not kernels or weight_decay == 0:
+        return tf.constant(0.0)
+    return 0.5 * weight_decay * tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in kernels])
+
+
+def _accuracy(labels, logits):
+    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)), tf.float32)
+
+
+def supervised_losses(model, images, labels, cfg: LossConfig):
+    """Terms of a plain supervised step, each already a per-replica share of the global mean."""
+    logits = model(images, training=True)["logits"]
+    terms = {"ce": tf.nn.compute_average_loss(cross_entropy(labels, logits), global_batch_size=cfg.global_batch_size),
+             "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(model, cfg.weight_decay)),
+             "train_acc": tf.nn.compute_average_loss(_accuracy(labels, logits),
+                                                     global_batch_size=cfg.global_batch_size)}
+    terms["total"] = terms["ce"] + terms["weight_decay"]
+    return terms
+
+
+def distill_losses(plain, teacher, tails, images, labels, *, blend, cfg: LossConfig, joint: bool):
+    """Terms of an RD step: `total` is the plain net's objective, `teacher_total` (joint mode) the teacher's.
+
+    Hybrid path i (one per stage boundary) gives `hybrid_ce_{i}` and, when kd_alpha > 0, `kd_{i}`.
+    """
+    def mean(per_example):
+        return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
+
+    out = plain(images, training=True)
+    terms = {"plain_ce": mean(cross_entropy(labels, out["logits"])),
+             "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(plain, cfg.weight_decay)),
+             "train_acc": mean(_accuracy(labels, out["logits"]))}
+    soft_targets = None
+    if cfg.kd_alpha > 0:
+        soft_targets = tf.stop_gradient(teacher(images, training=False)["logits"])
+    hybrid_sum = tf.constant(0.0)
+    for i, logits in enumerate(hybrid.hybrid_logits(tails, out), start=1):
+        terms[f"hybrid_ce_{i}"] = mean(cross_entropy(labels, logits))
+        hybrid_sum += terms[f"hybrid_ce_{i}"]
+        if soft_targets is not None:
+            terms[f"kd_{i}"] = mean(kd_loss(soft_targets, logits, cfg.temperature))
+            hybrid_sum += cfg.kd_alpha * terms[f"kd_{i}"]
+    terms["total"] = terms["plain_ce"] + blend * hybrid_sum + terms["weight_decay"]
+    if joint:
+        teacher_logits = teacher(images, training=True)["logits"]
+        terms["teacher_ce"] = mean(cross_entropy(labels, teacher_logits))
+        terms["teacher_weight_decay"] = tf.nn.scale_regularization_loss(l2_penalty(teacher, cfg.weight_decay))
+        terms["teacher_total"] = terms["teacher_ce"] + terms["teacher_weight_decay"]
+    return terms
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _loss_scaled(optimizer):
+    return isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
+
+def _all_finite(tensors):
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors if t is not None])
+
+
+def _apply_if(finite, apply_fn, grads):
+    """Runs `apply_fn(grads)` on every replica iff `finite` (equal on all replicas). Optimizers all-reduce
+    inside `apply`, so the branch is taken in cross-replica context, as keras' LossScaleOptimizer does;
+    `grads` goes through `merge_call` so that each replica applies its own gradients."""
+    def cross_replica(strategy, finite, grads):
+        first = strategy.experimental_local_results(finite)[0]
+        tf.cond(first, lambda: strategy.extended.call_for_each_replica(apply_fn, args=(grads,)), lambda: None)
+
+    tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads))
+
+
+def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), nan_skip=False,
+                     jit_compile=False, extras_fn=None):
+    """A tf.function `train_step(iterator) -> dict of scalars` doing one update of every `Update`.
+
+    `loss_fn(images, labels)` returns per-replica terms (see `distill_losses`). `state_variables` (BN moving
+    statistics) are averaged across replicas after the forward pass: keras 3 updates each replica's copy
+    on its own, and without this the replicas' statistics drift apart. With `nan_skip`, a step whose losses
+    or gradients are not all finite changes nothing (weights, optimizer slots, BN statistics) and reports
+    `skipped=1`. `extras_fn(step)` adds unreduced scalars (learning rate, blend). `step` is incremented.
+    """
+    if not updates:
+        raise ValueError("build_train_step needs at least one Update.")
+    state_variables = list(state_variables)
+    sync_state = strategy.num_replicas_in_sync > 1
+
+    @tf.function(jit_compile=jit_compile)
+    def forward_backward(images, labels):
+        with tf.GradientTape(persistent=len(updates) > 1) as tape:
+            terms = loss_fn(images, labels)
+            objectives = [u.optimizer.scale_loss(terms[u.objective]) if _loss_scaled(u.optimizer)
+                          else terms[u.objective] for u in updates]
+        grads = [tape.gradient(obj, u.variables) for obj, u in zip(objectives, updates)]
+        return terms, grads
+
+    def replica_step(images, labels):
+        ctx = tf.distribute.get_replica_context()
+        before = [tf.identity(v) for v in state_variables] if nan_skip else None
+        terms, grads = forward_backward(images, labels)
+
+        def apply(grads):
+            for u, g in zip(updates, grads):
+                u.optimizer.apply(g, u.variables)
+
+        finite = tf.constant(True)
+        if nan_skip:
+            # Loss-scaled grads may overflow legitimately; LossScaleOptimizer skips those updates itself.
+            checked = list(terms.values()) + [g for u, gs in zip(updates, grads) if not _loss_scaled(u.optimizer)
+                                               for g in gs]
+            bad = ctx.all_reduce(SUM, 1.0 - tf.cast(_all_finite(checked), tf.float32))
+            finite = tf.equal(bad, 0.0)
+            if all(_loss_scaled(u.optimizer) for u in updates):
+                apply(grads)
+            else:
+                _apply_if(finite, apply, grads)
+        else:
+            apply(grads)
+        if state_variables and (sync_state or nan_skip):
+            values = [tf.convert_to_tensor(v) for v in state_variables]
+            if sync_state:
+                values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, values)
+            if nan_skip:
+                values = [tf.where(finite, new, old) for new, old in zip(values, before)]
+            for v, value in zip(state_variables, values):
+                v.assign(value)
+        return terms, 1.0 - tf.cast(finite, tf.float32)
+
+    @tf.function
+    def train_step(iterator):
+        images, labels = next(iterator)
+        terms, skipped = strategy.run(replica_step, args=(images, labels))
+        out = {k: strategy.reduce(SUM, v, axis=None) for k, v in terms.items()}
+        if nan_skip:
+            out["skipped"] = strategy.reduce(tf.distribute.ReduceOp.MEAN, skipped, axis=None)
+        if extras_fn is not None:
+            out.update(extras_fn(step))
+        step.assign_add(1)
+        return out
+
+    return train_step
+
+
+def build_eval_step(strategy, model, teacher=None, tails=()):
+    """A tf.function `eval_step(distributed_batch) -> dict of sums over the global batch`: `count`,
+    `correct` and `ce` of `model`, plus `teacher_correct` and `hybrid_correct_{i}` when a teacher is given."""
+    def replica_step(images, labels):
+        out = model(images, training=False)
+        sums = {"count": tf.cast(tf.shape(labels)[0], tf.float32),
+                "correct": tf.reduce_sum(_accuracy(labels, out["logits"])),
+                "ce": tf.reduce_sum(cross_entropy(labels, out["logits"]))}
+        if teacher is not None:
+            sums["teacher_correct"] = tf.reduce_sum(_accuracy(labels, teacher(images, training=False)["logits"]))
+            for i, logits in enumerate(hybrid.hybrid_logits(tails, out), start=1):
+                sums[f"hybrid_correct_{i}"] = tf.reduce_sum(_accuracy(labels, logits))
+        return sums
+
+    @tf.function
+    def eval_step(batch):
+        sums = strategy.run(replica_step, args=batch)
+        return {k: strategy.reduce(SUM, v, axis=None) for k, v in sums.items()}
+
+    return eval_step
+
+
+def evaluate(eval_step, distributed_dataset):
+    """Runs `eval_step` over the dataset: {"acc", "loss", and with a teacher "teacher_acc", "hybrid_acc"}."""
+    totals = {}
+    for batch in distributed_dataset:
+        for k, v in eval_step(batch).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count", 0.0)
+    if not count:
+        raise ValueError("The evaluation dataset is empty.")
+    result = {"acc": totals["correct"] / count, "loss": totals["ce"] / count}
+    if "teacher_correct" in totals:
+        result["teacher_acc"] = totals["teacher_correct"] / count
+        paths = sorted((k for k in totals if k.startswith("hybrid_correct_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+        result["hybrid_acc"] = [totals[k] / count for k in paths]
+    return result
