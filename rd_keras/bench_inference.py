@@ -1,0 +1,214 @@
+"""`bench inference`: latency and throughput of ResNets and their plain twins, on every deployment runtime.
+
+For each pair (ResNet, plain twin; random weights: speed does not depend on their values) the
+classifier is BN-folded (`rd_keras.folding.fold`) and then run four ways:
+
+- `keras`: the folded Keras model called through a `tf.function` in inference mode (TF's own threads);
+- `saved_model`: the exported SavedModel (`rd_keras.saved_model_export.build_archive`), reloaded with
+  `tf.saved_model.load`, signature `predict_preprocessed` (float32 normalised input, softmax output);
+- `tflite_fp32`, `tflite_int8`: `.tflite` files from `rd_keras.tflite_export.convert` (int8 calibrated on
+  random normal images, which sets scales, not speed), run by the LiteRT `Interpreter` with its default
+  XNNPACK delegate, with each of `--threads`.
+
+Each timed call is one full request: input copy in, run, output copy out. The two nets of a pair are timed
+interleaved in one process; `speedup` = ResNet time / plain time (> 1: the plain net is faster) from the
+two medians, and `paired_speedup` is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+
+import numpy as np
+
+from rd_keras import bench_common as common
+
+ENGINES = ("keras", "saved_model", "tflite_fp32", "tflite_int8")
+
+
+def add_arguments(parser):
+    parser.add_argument("--archs", default=",".join(common.DEFAULT_ARCHS),
+                        help="comma-separated architectures; each names its ResNet/plain pair "
+                             "(default: %(default)s)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="subset of %(default)s")
+    parser.add_argument("--batch_sizes", default="1,64",
+                        help="batch 1 gives latency, larger batches throughput (default: %(default)s)")
+    parser.add_argument("--threads", default="1,2", help="TFLite interpreter threads (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=100,
+                        help="most timed rounds per measurement (default: %(default)s)")
+    parser.add_argument("--min_runs", type=int, default=3,
+                        help="fewest timed rounds per measurement (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: %(default)s)")
+    parser.add_argument("--budget_s", type=float, default=8.0,
+                        help="seconds of timed rounds per measurement once --min_runs are done; large "
+                             "models thus get fewer runs (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-size settings for tests: batch sizes 1,4, warmup 1, 2-5 runs, 1 s budget")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def _settings(args):
+    if args.quick:
+        args.batch_sizes, args.runs, args.min_runs, args.warmup, args.budget_s = "1,4", 5, 2, 1, 1.0
+    settings = {
+        "engines": common.parse_choices(args.engines, "--engines", ENGINES),
+        "batch_sizes": common.parse_ints(args.batch_sizes, "--batch_sizes"),
+        "threads": common.parse_ints(args.threads, "--threads"),
+        "runs": int(common.check_positive(args.runs, "--runs")),
+        "min_runs": int(common.check_positive(args.min_runs, "--min_runs")),
+        "warmup": int(common.check_positive(args.warmup, "--warmup", allow_zero=True)),
+        "budget_s": float(common.check_positive(args.budget_s, "--budget_s", allow_zero=True)),
+        "quick": bool(args.quick),
+    }
+    if settings["min_runs"] > settings["runs"]:
+        raise common.FlagError(f"--min_runs ({args.min_runs!r}) must not exceed --runs ({args.runs!r}).")
+    return settings
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def _keras_runner(folded, shape):
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: folded(x, training=False), input_signature=[tf.TensorSpec([None, *shape])],
+                     reduce_retracing=True)
+
+    def make(batch):
+        x = tf.constant(np.random.default_rng(0).standard_normal([batch, *shape], np.float32))
+        return lambda: fn(x).numpy()
+    return make
+
+
+def _saved_model_runner(folded, shape, directory):
+    import tensorflow as tf
+
+    from rd_keras import saved_model_export
+
+    # mean/std only feed the uint8 `serving_default` signature; the timed one takes normalised floats.
+    archive = saved_model_export.build_archive(folded, shape, (0.5,) * shape[-1], (0.25,) * shape[-1])
+    archive.write_out(directory, verbose=False)
+    signature = tf.saved_model.load(directory).signatures["predict_preprocessed"]
+
+    def make(batch):
+        x = tf.constant(np.random.default_rng(0).standard_normal([batch, *shape], np.float32))
+        return lambda: signature(images=x)["probabilities"].numpy()
+    return make
+
+
+def _tflite_runner(content, shape, threads):
+    from ai_edge_litert.interpreter import Interpreter
+
+    def make(batch):
+        interpreter = Interpreter(model_content=content, num_threads=threads)
+        inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+        interpreter.resize_tensor_input(inp["index"], [batch, *shape])
+        interpreter.allocate_tensors()
+        x = np.random.default_rng(0).standard_normal([batch, *shape], np.float32)
+        scale, zero_point = inp["quantization"]
+        if scale:  # full-integer model: feed what its input contract expects, quantised once up front
+            info = np.iinfo(inp["dtype"])
+            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
+        x = x.astype(inp["dtype"])
+
+        def call():
+            interpreter.set_tensor(inp["index"], x)
+            interpreter.invoke()
+            return interpreter.get_tensor(out["index"])
+        return call
+    return make
+
+
+def _configs(settings):
+    """(label, engine, threads) of every runtime configuration to time."""
+    out = []
+    for engine in settings["engines"]:
+        if engine.startswith("tflite"):
+            out += [(f"{engine}_t{t}", engine, t) for t in settings["threads"]]
+        else:
+            out.append((engine, engine, None))
+    return out
+
+
+def bench_pair(pair, settings, workdir):
+    """All measurements of one pair: a list of dicts, one per (runtime configuration, batch size)."""
+    from rd_keras import architectures, folding
+
+    shape = tuple(pair.input_shape)
+    folded, params, tflite = {}, {}, {}
+    for side, shortcuts in (("resnet", "all"), ("plain", "none")):
+        model = architectures.classifier(pair.build(shortcuts))
+        params[side] = int(model.count_params())
+        folded[side] = folding.fold(model)
+    for engine in settings["engines"]:
+        if engine.startswith("tflite"):
+            quantize = "none" if engine == "tflite_fp32" else "int8"
+            tflite[engine] = {side: common.convert_tflite(folded[side], shape, quantize) for side in folded}
+
+    measurements = []
+    for label, engine, threads in _configs(settings):
+        with tempfile.TemporaryDirectory(prefix="rd_keras-bench-", dir=workdir) as directory:
+            makers = {}
+            for side in folded:
+                if engine == "keras":
+                    makers[side] = _keras_runner(folded[side], shape)
+                elif engine == "saved_model":
+                    makers[side] = _saved_model_runner(folded[side], shape, f"{directory}/{side}")
+                else:
+                    makers[side] = _tflite_runner(tflite[engine][side], shape, threads)
+            for batch in settings["batch_sizes"]:
+                calls = {side: makers[side](batch) for side in makers}
+                times = common.interleaved(
+                    calls, warmup=settings["warmup"], min_runs=settings["min_runs"], max_runs=settings["runs"],
+                    budget_s=settings["budget_s"], desc=f"{pair.name} {label} b{batch}")
+                entry = {"runtime": label, "engine": engine, "threads": threads, "batch_size": batch}
+                for side in ("resnet", "plain"):
+                    stats = common.summarize(times[side])
+                    stats["images_per_s"] = batch / (stats["median_ms"] / 1e3)
+                    entry[side] = stats
+                entry["speedup"] = entry["resnet"]["median_ms"] / entry["plain"]["median_ms"]
+                entry["paired_speedup"] = common.paired_ratio(times["resnet"], times["plain"])
+                measurements.append(entry)
+                del calls
+                gc.collect()
+    sizes = {engine: {side: len(content) for side, content in by_side.items()} for engine, by_side in tflite.items()}
+    return {**pair.describe(), "params": params, "tflite_bytes": sizes, "measurements": measurements}
+
+
+def table(results) -> str:
+    rows = []
+    for result in results:
+        for m in result["measurements"]:
+            latency = m["batch_size"] == 1
+            key = "median_ms" if latency else "images_per_s"
+            rows.append([result["pair"], m["runtime"], m["batch_size"], "ms" if latency else "img/s",
+                         m["resnet"][key], m["plain"][key], m["resnet"]["p90_ms"], m["plain"]["p90_ms"],
+                         m["speedup"], m["paired_speedup"]["median"], min(m["resnet"]["runs"], m["plain"]["runs"])])
+    header = ["pair", "runtime", "batch", "unit", "resnet", "plain", "resnet p90 ms", "plain p90 ms",
+              "speedup", "paired", "runs"]
+    return ("batch 1: median latency (ms); larger batches: throughput (images/s) from the median batch time.\n"
+            "speedup = resnet time / plain time (> 1: plain is faster); paired = median of per-round ratios.\n"
+            + common.format_table(rows, header))
+
+
+def run(args):
+    import keras
+    import tensorflow as tf
+
+    settings = _settings(args)
+    pairs = common.parse_pairs(args.archs, args.width, args.image_size)
+    settings["tf_intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads() or "all cores"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rd_keras-bench-") as workdir:
+        for pair in common.progress(pairs, "pairs"):
+            results.append(bench_pair(pair, settings, workdir))
+            keras.backend.clear_session()  # frees the pair's graphs before the next, larger one
+    payload = {"command": "inference", "machine": common.machine(), "settings": settings, "results": results}
+    print(table(results))
+    if args.json:
+        common.write_json(args.json, payload)
+    return payload

@@ -1,0 +1,199 @@
+"""`bench memory`: inference feature-map memory of ResNets and their plain twins, measured three ways.
+
+1. `liveness`: the exact liveness walk of the BN-folded classifier (`rd_keras.memory.feature_map_liveness`,
+   conv+ReLU fused as TFLite does, batch `--batch_size`): the peak of bytes held at once, for fp32 (4 bytes
+   per value) and int8 (1 byte) feature maps. `two_buffer_bound` is the largest input+output of a single
+   layer: a plain chain reaches it with two ping-pong buffers, so it is the floor for both nets.
+2. `tflite_arena`: the read-write arena that TFLite's planner lays out for the fp32 and int8 `.tflite`
+   files (`rd_keras.memory.tflite_arena_bytes`, builtin kernels, one thread, batch `--batch_size`):
+   feature maps plus kernel scratch (im2col), as a real runtime allocates them.
+3. `rss`: the peak growth of a fresh process's resident memory during its first batch-`--rss_batch`
+   call (`rd_keras.memory.peak_rss_delta`), after a batch-1 warm-up, for the Keras/TF runtime and the
+   LiteRT runtime (XNNPACK). One process per measurement, so one net's freed memory cannot be reused by
+   the other's. It includes whatever the runtime allocates besides feature maps (workspaces, packed
+   weights for the new shape): the least clean figure, and the one a server actually pays.
+
+For each: `ratio` = ResNet / plain, and `shortcut_share` = 1 - plain / ResNet, the fraction of the
+ResNet's figure that the shortcuts cost. The two are one number seen twice: a share s is a ratio 1/(1-s),
+so the paper's ~40% share would be a 1.67x ratio and its 1.25x ratio a 20% share.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import tempfile
+
+import numpy as np
+
+from rd_keras import bench_common as common
+
+RSS_ENGINES = ("keras", "tflite_fp32", "tflite_int8")
+
+
+def add_arguments(parser):
+    parser.add_argument("--archs", default=",".join(common.DEFAULT_ARCHS),
+                        help="comma-separated architectures; each names its ResNet/plain pair "
+                             "(default: %(default)s)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")
+    parser.add_argument("--batch_size", type=int, default=1,
+                        help="batch of the liveness walk and the TFLite arena (default: %(default)s)")
+    parser.add_argument("--rss_batch", type=int, default=64,
+                        help="batch of the peak-RSS run (default: %(default)s)")
+    parser.add_argument("--rss_engines", default=",".join(RSS_ENGINES),
+                        help="runtimes of the peak-RSS run, a subset of %(default)s; empty: skip it")
+    parser.add_argument("--quick", action="store_true", help="for tests: peak RSS of tflite_fp32 only, batch 8")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def _settings(args):
+    if args.quick:
+        args.rss_engines, args.rss_batch = "tflite_fp32", 8
+    return {
+        "batch_size": int(common.check_positive(args.batch_size, "--batch_size")),
+        "rss_batch": int(common.check_positive(args.rss_batch, "--rss_batch")),
+        "rss_engines": common.parse_choices(args.rss_engines, "--rss_engines", RSS_ENGINES)
+        if args.rss_engines.strip() else [],
+        "quick": bool(args.quick),
+    }
+
+
+# ----------------------------------------------------------------------------- peak RSS, in a fresh process
+
+
+def _rss_child(job):
+    """Runs in a spawned process: warm up at batch 1, then the peak RSS growth of one batch-N call."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from rd_keras import memory
+
+    shape, batch = tuple(job["input_shape"]), job["batch"]
+    x = np.random.default_rng(0).standard_normal([batch, *shape], np.float32)
+    if job["engine"] == "keras":
+        import tensorflow as tf
+
+        from rd_keras import architectures, folding
+
+        model = architectures.build(job["arch"], shortcuts=job["shortcuts"], num_classes=job["num_classes"],
+                                    input_shape=shape, width=job["width"])
+        folded = folding.fold(architectures.classifier(model))
+        fn = tf.function(lambda t: folded(t, training=False), input_signature=[tf.TensorSpec([None, *shape])])
+        fn(tf.constant(x[:1])).numpy()
+        big = tf.constant(x)
+        return memory.peak_rss_delta(lambda: fn(big).numpy())
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=job["tflite_path"], num_threads=1)
+    inp = interpreter.get_input_details()[0]
+    scale, zero_point = inp["quantization"]
+    if scale:
+        info = np.iinfo(inp["dtype"])
+        x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
+    x = x.astype(inp["dtype"])
+    interpreter.resize_tensor_input(inp["index"], [1, *shape])
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x[:1])
+    interpreter.invoke()
+
+    def call():
+        interpreter.resize_tensor_input(inp["index"], [batch, *shape])
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+    return memory.peak_rss_delta(call)
+
+
+def _rss_in_fresh_process(job):
+    # spawn, not fork: a forked child would inherit this process's TF runtime and its allocator's pages.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_rss_child, (job,))
+
+
+# ----------------------------------------------------------------------------- one pair
+
+
+def _liveness_summary(live):
+    return {"peak_bytes": live["peak_bytes"], "peak_step": live["peak_step"],
+            "two_buffer_bound": live["two_buffer_lower_bound"],
+            "total_activation_bytes": live["total_activation_bytes"]}
+
+
+def bench_pair(pair, settings, workdir):
+    from rd_keras import architectures, folding, memory
+
+    shape, batch = tuple(pair.input_shape), settings["batch_size"]
+    folded, live, tflite_paths = {}, {"fp32": {}, "int8": {}}, {}
+    arena = {"fp32": {}, "int8": {}}
+    for side, shortcuts in (("resnet", "all"), ("plain", "none")):
+        folded[side] = folding.fold(architectures.classifier(pair.build(shortcuts)))
+        for dtype, nbytes in (("fp32", 4), ("int8", 1)):
+            live[dtype][side] = _liveness_summary(
+                memory.feature_map_liveness(folded[side], batch_size=batch, dtype_bytes=nbytes))
+            content = common.convert_tflite(folded[side], shape, "none" if dtype == "fp32" else "int8")
+            path = os.path.join(workdir, f"{side}_{dtype}.tflite")
+            with open(path, "wb") as f:
+                f.write(content)
+            tflite_paths[f"tflite_{dtype}", side] = path
+            arena[dtype][side] = memory.tflite_arena_bytes(content, num_threads=1, batch_size=batch)
+
+    result = {**pair.describe(), "batch_size": batch, "liveness": {}, "tflite_arena": {}, "rss": {}}
+    for dtype in ("fp32", "int8"):
+        entry = common.compare(live[dtype]["resnet"]["peak_bytes"], live[dtype]["plain"]["peak_bytes"])
+        entry["detail"] = live[dtype]
+        result["liveness"][dtype] = entry
+        result["tflite_arena"][dtype] = common.compare(arena[dtype]["resnet"], arena[dtype]["plain"])
+    # The floor any net of this shape sequence must pay: both nets share their largest conv's in+out.
+    result["liveness"]["plain_two_buffer_bound_fp32"] = live["fp32"]["plain"]["two_buffer_bound"]
+
+    for engine in settings["rss_engines"]:
+        values = {}
+        for side, shortcuts in (("resnet", "all"), ("plain", "none")):
+            job = {"engine": engine, "arch": pair.resnet, "shortcuts": shortcuts, "input_shape": list(shape),
+                   "num_classes": pair.num_classes, "width": pair.width, "batch": settings["rss_batch"],
+                   "tflite_path": tflite_paths.get((engine, side))}
+            values[side] = _rss_in_fresh_process(job)
+        result["rss"][engine] = {**common.compare(values["resnet"], values["plain"]),
+                                 "batch_size": settings["rss_batch"]}
+    return result
+
+
+def rows(results):
+    """(pair, method, resnet MiB, plain MiB, ratio, shortcut share) for every figure of every pair."""
+    out = []
+    for r in results:
+        figures = [(f"liveness {d} b{r['batch_size']}", r["liveness"][d]) for d in ("fp32", "int8")]
+        figures += [(f"tflite arena {d} b{r['batch_size']}", r["tflite_arena"][d]) for d in ("fp32", "int8")]
+        figures += [(f"rss {e} b{v['batch_size']}", v) for e, v in r["rss"].items()]
+        for method, v in figures:
+            out.append([r["pair"], method, common.mib(v["resnet"]), common.mib(v["plain"]), v["ratio"],
+                        None if v["shortcut_share"] is None else 100 * v["shortcut_share"]])
+        out.append([r["pair"], f"two-buffer floor fp32 b{r['batch_size']}",
+                    None, common.mib(r["liveness"]["plain_two_buffer_bound_fp32"]), None, None])
+    return out
+
+
+def table(results) -> str:
+    header = ["pair", "measure", "resnet MiB", "plain MiB", "ratio", "shortcut %"]
+    return ("ratio = resnet / plain; shortcut % = share of the ResNet's figure the shortcuts cost\n"
+            + common.format_table(rows(results), header))
+
+
+def run(args):
+    import keras
+
+    settings = _settings(args)
+    pairs = common.parse_pairs(args.archs, args.width, args.image_size)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rd_keras-bench-") as workdir:
+        for pair in common.progress(pairs, "pairs"):
+            results.append(bench_pair(pair, settings, workdir))
+            keras.backend.clear_session()
+    payload = {"command": "memory", "machine": common.machine(), "settings": settings, "results": results}
+    print(table(results))
+    if args.json:
+        common.write_json(args.json, payload)
+    return payload
