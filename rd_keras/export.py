@@ -52,6 +52,21 @@ def load_workdir(workdir):
     return config, keras.saving.load_model(model_path, compile=False)
 
 
+def dataset_info(config):
+    """The image shape and pixel statistics the net was trained with.
+
+    The trainer records them in config.json's `dataset` section; a config without it (written by hand)
+    gets them from the data pipeline itself, which derives them the same way.
+    """
+    if "dataset" in config:
+        fields = config.dataset
+        return data.DatasetInfo(
+            num_classes=int(fields.num_classes), image_shape=tuple(fields.image_shape),
+            train_examples=int(fields.train_examples), eval_examples=int(fields.eval_examples),
+            mean=tuple(fields.mean), std=tuple(fields.std))
+    return data.datasets(config)[2]
+
+
 def _as_tuple(value, allowed, name):
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
     if "all" in items:
@@ -173,7 +188,7 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
     quantize = _as_tuple(quantize, tflite_export.QUANTIZATIONS, "quantize")
     _validate(model_name, qat_steps, eval_examples, calibration_examples, formats, int8_io)
     config, model = load_workdir(workdir)
-    _, _, info = data.datasets(config)
+    info = dataset_info(config)
     classifier = architectures.classifier(model)
     folded = folding.fold(classifier)
     if tuple(classifier.input.shape[1:]) != tuple(info.image_shape):
