@@ -1,0 +1,76 @@
+"""Defaults shared by every config; each dataset config overrides only what differs.
+
+Every number of a run lives in its config. Sections: `data` (see rd_keras.data.default_data_config),
+`model`, `teacher`, `distill`, `train`. Config files load this module by path (see `load_common` in
+them), since ml_collections imports config files by path, not as a package.
+"""
+
+import ml_collections
+
+from rd_keras import data
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.data = data.default_data_config()
+
+    config.model = ml_collections.ConfigDict({
+        "arch": "resnet20",  # a key of rd_keras.architectures.SPECS, or resnet<6n+2>
+        "width": 1.0,  # channel multiplier
+        "stem": "",  # "" = the architecture's own stem; "cifar" or "imagenet"
+        "student_shortcuts": "none",  # the RD student: "none" (plain) or "downsample" (projections kept)
+        "supervised_shortcuts": "all",  # train.mode="supervised": "all" = ResNet, "none" = plain baseline
+        "dirac": False,  # Dirac-parameterised convs in the plain net (folded away at export)
+    })
+
+    config.teacher = ml_collections.ConfigDict({
+        "mode": "joint",  # "joint": trained alongside on its own CE; "pretrained": loaded, frozen
+        "path": "",  # pretrained: a .keras file, a workdir, or a checkpoint prefix
+    })
+
+    config.distill = ml_collections.ConfigDict({
+        "blend_floor": 0.0,  # m(t) decays by cosine from 1 to this ...
+        "blend_epochs": 100.0,  # ... over this many epochs, then stays there
+        "kd_alpha": 0.0,  # weight of the T^2-scaled KL(teacher || hybrid) terms; 0 = no KD
+        "temperature": 4.0,
+    })
+
+    config.train = ml_collections.ConfigDict({
+        "mode": "distill",  # "distill" (RD) or "supervised" (one net, model.supervised_shortcuts)
+        "epochs": 200,
+        "lr": 0.1,  # for the global batch size data.batch_size
+        "warmup_epochs": 1.0,  # linear warm-up, then cosine decay to 0
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": 5e-4,  # L2: loss += wd/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
+        "seed": 0,
+        "deterministic": False,  # tf.config.experimental.enable_op_determinism()
+        "precision": "float32",  # or "mixed_float16" (loss-scaled)
+        "jit_compile": False,  # XLA for forward+backward; slower on CPU
+        "strategy": "auto",  # auto | default | mirrored | multi_worker
+        "nan_policy": "stop",  # "stop": fail naming the step and term; "skip": drop that update
+        "log_every_steps": 50,
+        "checkpoint_every_steps": 1000,  # and at every epoch end
+        "keep_checkpoints": 3,
+        "steps_per_run": 0,  # >0: stop (with a checkpoint) after this many steps; rerun to continue
+        "progress": True,  # tqdm bar per epoch
+    })
+    return config
+
+
+def smoke(config):
+    """Shrinks `config` in place to a run of a few dozen steps on a small subset (< 1 min on 2 CPU cores)."""
+    config.model.arch = "resnet8"
+    config.model.width = 0.25
+    config.data.batch_size = 32
+    config.data.train_subset = 384
+    config.data.eval_subset = 256
+    config.data.shuffle_buffer = 512
+    config.train.epochs = 2
+    config.train.warmup_epochs = 0.5
+    config.train.log_every_steps = 4
+    config.train.checkpoint_every_steps = 8
+    config.distill.blend_epochs = 1.5
+    config.distill.blend_floor = 0.1
+    config.distill.kd_alpha = 0.5  # exercise every loss term
+    return config

@@ -1,0 +1,44 @@
+"""Residual Distillation on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist package).
+
+    python train.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
+    python train.py --config=configs/fashion_mnist.py:demo --workdir=workdirs/demo    # ~10 min, 2 CPU cores
+    python train.py --config=configs/fashion_mnist.py:smoke --workdir=/tmp/smoke     # < 1 min
+"""
+
+import importlib.util
+import os
+
+
+def load_common():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
+    spec = importlib.util.spec_from_file_location("rd_keras_configs_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_config(arg=None):
+    common = load_common()
+    config = common.get_config()
+    config.data.source = "idx"
+    config.data.name = "fashion_mnist"
+    config.data.data_dir = "/usr/share/datasets/fashion-mnist"
+    config.data.num_classes = 10
+    config.data.augment = "cifar"  # pad-crop + flip
+    config.model.arch = "resnet20"
+    config.train.epochs = 30
+    config.distill.blend_epochs = 20.0
+    if arg == "smoke":
+        common.smoke(config)
+    elif arg == "demo":
+        config.model.width = 0.5
+        config.data.train_subset = 25_600
+        config.train.epochs = 4
+        config.train.warmup_epochs = 0.2
+        config.train.log_every_steps = 20
+        config.train.checkpoint_every_steps = 200
+        config.distill.blend_epochs = 3.0
+        config.distill.blend_floor = 0.1
+    elif arg is not None:
+        raise ValueError(f"Unknown config variant {arg!r}: expected 'smoke', 'demo' or none.")
+    return config

@@ -1,0 +1,236 @@
+"""The epoch loop of `train_lib.run`: steps, progress bar, logs, evaluation, checkpoints, final artefacts.
+
+Loss values stay on the device between log points; every `train.log_every_steps` steps (and before every
+checkpoint) they are fetched together, checked for NaN/Inf, averaged into TensorBoard and the progress
+bar. Because no checkpoint is written before that check, the newest checkpoint is always a finite one.
+"""
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+
+import numpy as np
+import tensorflow as tf
+import tqdm
+
+from rd_keras import checkpointing, distill
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf under `train.nan_policy='stop'`."""
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each step (so it can checkpoint, then exit)."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class TrainLoop:
+    """Runs `setup` (see `train_lib.build_setup`) from the newest checkpoint in `workdir` to the end."""
+
+    def __init__(self, config, workdir, setup, *, chief, steps_per_epoch, num_eval_examples):
+        self.config, self.workdir, self.setup, self.chief = config, workdir, setup, chief
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = config.train.epochs * steps_per_epoch
+        self.num_eval_examples = num_eval_examples
+        self._pending, self._interval, self._epoch_terms = [], {}, {}
+        self._skipped = 0
+        self._last_saved = None
+        self._bar = None
+
+    # ------------------------------------------------------------------ output
+
+    def _print(self, message):
+        if self.chief:
+            tqdm.tqdm.write(message, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _writer(self, name):
+        if not self.chief:
+            return tf.summary.create_noop_writer()
+        return tf.summary.create_file_writer(os.path.join(self.workdir, checkpointing.TENSORBOARD_DIR, name))
+
+    # ------------------------------------------------------------------ losses
+
+    def _flush(self):
+        """Fetches the pending step outputs, applies the NaN policy, logs interval means."""
+        if not self._pending:
+            return
+        fetched = [(s, {k: float(v) for k, v in out.items()}) for s, out in self._pending]
+        self._pending = []
+        interval = {}
+        for step, values in fetched:
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            if values.pop("skipped", 0.0) > 0:
+                self._skipped += 1
+                self._print(f"step {step}: update skipped, non-finite {sorted(bad) or 'gradients'} "
+                            f"(train.nan_policy='skip'; {self._skipped} skipped so far)")
+                continue
+            if bad:
+                latest = self._checkpointer.latest()
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}. "
+                    f"Stopped (train.nan_policy='stop'); the newest checkpoint, {latest or 'none yet'}, predates "
+                    "it. Lower train.lr or set train.nan_policy='skip'.")
+            for k, v in values.items():
+                interval.setdefault(k, []).append(v)
+                self._epoch_terms.setdefault(k, []).append(v)
+        if not interval:
+            return
+        means = {k: sum(v) / len(v) for k, v in interval.items()}
+        with self._train_writer.as_default(step=fetched[-1][0] + 1):
+            for k, v in means.items():
+                tf.summary.scalar(k, v)
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{means['total']:.4f}", acc=f"{means['train_acc']:.3f}", refresh=False)
+
+    def _save(self, step):
+        self._flush()
+        if step == self._last_saved:
+            return
+        # Finite losses can still come with an overflowing update; never let such weights replace a good
+        # checkpoint.
+        bad = [v.path for m in self.setup.trained.values() for v in m.weights if not np.isfinite(v.numpy()).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite weights at step {step}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. "
+                f"Stopped before checkpointing them (train.nan_policy={self.config.train.nan_policy!r}); the "
+                f"newest checkpoint is {self._checkpointer.latest() or 'none yet'}. Lower train.lr.")
+        self._checkpointer.save(step)
+        self._last_saved = step
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _evaluate(self, eval_data, step):
+        result = distill.evaluate(self.setup.eval_step, eval_data)
+        record = {"step": step, "epoch": step // self.steps_per_epoch, "acc": result["acc"], "loss": result["loss"]}
+        for role in self.setup.trained:
+            if role == "plain" or len(self.setup.trained) == 1:
+                record[f"{role}_acc"] = result["acc"]
+        if "teacher_acc" in result:
+            record.update(teacher_acc=result["teacher_acc"], hybrid_acc=result["hybrid_acc"])
+        return record
+
+    def _log_eval(self, record):
+        with self._eval_writer.as_default(step=record["step"]):
+            for k, v in record.items():
+                if k == "hybrid_acc":
+                    for i, acc in enumerate(v, start=1):
+                        tf.summary.scalar(f"hybrid_acc_stage{i}", acc)
+                elif k not in ("step", "epoch"):
+                    tf.summary.scalar(k, v)
+        train_means = {k: sum(v) / len(v) for k, v in self._epoch_terms.items()}
+        self._epoch_terms = {}
+        if self.chief:
+            with open(os.path.join(self.workdir, checkpointing.METRICS_FILE), "a") as f:
+                f.write(json.dumps({**record, **train_means}, sort_keys=True) + "\n")
+        accs = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("_acc") and k != "hybrid_acc")
+        hybrids = " ".join(f"{a:.4f}" for a in record.get("hybrid_acc", ()))
+        self._print(f"eval at step {record['step']} (epoch {record['epoch']}): {accs}"
+                    + (f", hybrid_acc=[{hybrids}]" if hybrids else "") + f", loss={record['loss']:.4f}")
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self, train_data, eval_data):
+        """Trains to the end; returns the final evaluation record, or None when `train.steps_per_run`
+        stopped this invocation early (after a checkpoint). SIGTERM checkpoints, then exits with 143."""
+        t = self.config.train
+        self._checkpointer = checkpointing.Checkpointer(self.workdir, self.setup.checkpoint_objects,
+                                                        chief=self.chief, max_to_keep=t.keep_checkpoints)
+        self._train_writer, self._eval_writer = self._writer("train"), self._writer("eval")
+        try:
+            restored = self._checkpointer.restore_latest()
+            step = int(self.setup.step.numpy())
+            if restored:
+                self._last_saved = step
+                self._print(f"resumed from step {step} of {self.total_steps} (epoch {step // self.steps_per_epoch}"
+                            f" done): {restored}")
+            with _SigtermFlag() as sigterm:
+                return self._train(step, train_data, eval_data, sigterm)
+        finally:
+            self._checkpointer.close()
+            self._train_writer.close()
+            self._eval_writer.close()
+
+    def _train(self, step, train_data, eval_data, sigterm):
+        t, spe = self.config.train, self.steps_per_epoch
+        run_end = min(step + t.steps_per_run, self.total_steps) if t.steps_per_run else self.total_steps
+        record = None
+        while step < run_end:
+            epoch = step // spe
+            iterator = iter(train_data)
+            self._bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{t.epochs}",
+                                  unit="step", disable=not (self.chief and t.progress), file=sys.stderr)
+            with self._bar:
+                while step < run_end and not sigterm.requested:
+                    self._pending.append((step, self.setup.train_step(iterator)))
+                    step += 1
+                    self._bar.update(1)
+                    if step % t.log_every_steps == 0:
+                        self._flush()
+                    if step % t.checkpoint_every_steps == 0:
+                        self._save(step)
+                    if step % spe == 0:
+                        break
+                self._flush()
+            self._bar = None
+            if step % spe == 0:
+                self.setup.epoch.assign(step // spe)
+                record = self._evaluate(eval_data, step)
+                self._log_eval(record)
+                self._save(step)
+            if sigterm.requested:
+                self._save(step)
+                self._print(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume.")
+                raise SystemExit(128 + signal.SIGTERM)
+        if step < self.total_steps:
+            self._save(step)
+            self._print(f"stopped at step {step} of {self.total_steps} (train.steps_per_run={t.steps_per_run}); "
+                        "checkpoint saved, rerun the same command to continue.")
+            return None
+        if record is None:  # resumed a finished run: evaluate again for the summary
+            record = self._evaluate(eval_data, step)
+        self._save_artefacts()
+        self._print_summary(record)
+        return record
+
+    def _save_artefacts(self):
+        if not self.chief:
+            return
+        for role, model in self.setup.trained.items():
+            path = os.path.join(self.workdir, checkpointing.PLAIN_FILE if role == "plain" else checkpointing.RESNET_FILE)
+            model.save(path)
+            self._print(f"saved {path} ({model.name}, {model.count_params():,} params)")
+
+    def _print_summary(self, record):
+        distilling = "hybrid_acc" in record
+        rows = [(f"{'teacher' if distilling and role == 'resnet' else role} ({model.name})",
+                 record.get(f"{role}_acc", record.get("teacher_acc"))) for role, model in self.setup.trained.items()]
+        if distilling:
+            if "resnet" not in self.setup.trained:
+                rows.append(("teacher (pretrained, frozen)", record["teacher_acc"]))
+            rows += [(f"hybrid {i} (plain up to stage{i}, then teacher)", acc)
+                     for i, acc in enumerate(record["hybrid_acc"], 1)]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"Final evaluation at step {record['step']} on {self.num_eval_examples} examples:",
+                 f"  {'model':<{width}}  accuracy"]
+        lines += [f"  {name:<{width}}  {acc:.4f}" for name, acc in rows]
+        lines.append(f"  {'eval loss (CE)':<{width}}  {record['loss']:.4f}")
+        self._print("\n".join(lines))
+        self._print(json.dumps({"final": record}, sort_keys=True))

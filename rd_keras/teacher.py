@@ -1,0 +1,123 @@
+"""Loading a pretrained teacher ResNet for Residual Distillation.
+
+`config.teacher.path` may name:
+
+- a `.keras` file saved by this project (`resnet.keras` of a supervised `shortcuts="all"` run or of a
+  joint RD run);
+- a workdir: its `resnet.keras` if present, else the ResNet in its latest checkpoint (an unfinished run);
+- a checkpoint prefix such as `W/checkpoints/ckpt-1200` (the run's config.json is read from `W`).
+
+The teacher is rebuilt from the current config inside the current distribution scope and the weights are
+copied in, so a mismatch in architecture, width, stem, input shape or class count is caught, named, and
+never silently broadcast.
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from rd_keras import architectures
+from rd_keras.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE
+
+
+class TeacherError(ValueError):
+    """The pretrained teacher is missing, unreadable, or does not match the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSource:
+    kind: str  # "keras" or "checkpoint"
+    path: str  # the .keras file or the checkpoint prefix
+    config_path: str = ""  # the source run's config.json (checkpoints only)
+
+
+def resolve(path: str) -> TeacherSource:
+    """Finds what `path` points at, without loading it; raises TeacherError naming what was looked for."""
+    if not path:
+        raise TeacherError("config.teacher.mode='pretrained' needs config.teacher.path: a .keras file, a "
+                           "workdir, or a checkpoint prefix of a ResNet trained by this project.")
+    path = os.path.expanduser(path)
+    if path.endswith(".keras"):
+        if not os.path.isfile(path):
+            raise TeacherError(f"config.teacher.path={path!r}: file not found.")
+        return TeacherSource("keras", path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, RESNET_FILE)):
+            return TeacherSource("keras", os.path.join(path, RESNET_FILE))
+        prefix = tf.train.latest_checkpoint(os.path.join(path, CHECKPOINT_DIR))
+        if prefix is None:
+            raise TeacherError(f"config.teacher.path={path!r}: a directory with neither {RESNET_FILE} nor "
+                               f"checkpoints in {CHECKPOINT_DIR}/.")
+        return TeacherSource("checkpoint", prefix, os.path.join(path, CONFIG_FILE))
+    if os.path.isfile(path + ".index"):
+        return TeacherSource("checkpoint", path, os.path.join(os.path.dirname(os.path.dirname(path)), CONFIG_FILE))
+    raise TeacherError(f"config.teacher.path={path!r}: not a .keras file, a workdir, or a checkpoint prefix.")
+
+
+def describe(model) -> str:
+    """'resnet20: input (28, 28, 1), stem width 8, 10 classes, 69,210 params'."""
+    return (f"{model.name}: input {tuple(model.input.shape[1:])}, stem width "
+            f"{model.get_layer('stem_conv').filters}, {model.get_layer('logits').units} classes, "
+            f"{model.count_params():,} params")
+
+
+def _signature(model):
+    return [(w.path, tuple(w.shape)) for w in model.weights]
+
+
+def _load_keras(source, expected):
+    try:
+        loaded = keras.saving.load_model(source.path, compile=False)
+        described = describe(loaded)
+    except Exception as e:  # a broken or foreign file fails in many ways; report them all the same way
+        raise TeacherError(f"config.teacher.path: cannot load {source.path!r} as a model built by "
+                           f"rd_keras.architectures ({type(e).__name__}: {e}).") from None
+    if loaded.name != expected.name or _signature(loaded) != _signature(expected):
+        raise TeacherError(f"The pretrained teacher does not match the config.\n  teacher {source.path}: "
+                           f"{described}\n  config.model wants {describe(expected)}")
+    expected.set_weights(loaded.get_weights())
+
+
+def _load_checkpoint(source, expected, model_config, num_classes):
+    try:
+        with open(source.config_path) as f:
+            run = json.load(f)
+        theirs = {"arch": architectures.get_spec(run["model"]["arch"]), "width": run["model"]["width"],
+                  "stem": run["model"]["stem"], "num_classes": run["dataset"]["num_classes"],
+                  "image_shape": tuple(run["dataset"]["image_shape"])}
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise TeacherError(f"{source.config_path}: cannot read the teacher run's config ({e}).") from None
+    ours = {"arch": architectures.get_spec(model_config.arch), "width": model_config.width,
+            "stem": model_config.stem, "num_classes": num_classes,
+            "image_shape": tuple(expected.input.shape[1:])}
+    if theirs != ours:
+        diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k])
+        raise TeacherError(f"The pretrained teacher does not match the config (teacher run vs config: "
+                           f"{diff}).\n  teacher {source.path} is {run['model']['arch']}\n  config.model "
+                           f"wants {describe(expected)}")
+    if not any(name.startswith("resnet/") for name, _ in tf.train.list_variables(source.path)):
+        raise TeacherError(f"{source.path}: holds no ResNet; its run (train.mode={run['train']['mode']!r}) "
+                           "trained only a plain net. Point config.teacher.path at a supervised "
+                           "shortcuts='all' run or a joint RD run.")
+    # The source run's optimizers and plain net are not needed here.
+    status = tf.train.Checkpoint(resnet=expected).read(source.path).expect_partial()
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise TeacherError(f"{source.path}: its ResNet does not fit the configured one ({str(e)[:300]}).") from None
+
+
+def load(source: TeacherSource, *, model_config, num_classes: int, input_shape) -> keras.Model:
+    """Builds the configured ResNet in the current scope, fills in the pretrained weights, freezes it."""
+    teacher = architectures.build(model_config.arch, shortcuts="all", num_classes=num_classes,
+                                  input_shape=tuple(input_shape), width=model_config.width,
+                                  stem=model_config.stem or None)
+    if source.kind == "keras":
+        _load_keras(source, teacher)
+    else:
+        _load_checkpoint(source, teacher, model_config, num_classes)
+    teacher.trainable = False
+    return teacher

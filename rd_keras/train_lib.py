@@ -1,0 +1,218 @@
+"""`run(config, workdir)`: Residual Distillation, or supervised training of one net, end to end.
+
+`config.train.mode`:
+- "distill": a plain student (`model.student_shortcuts`) learns with hybrid paths through a ResNet teacher
+  (`teacher.mode`: "joint" trains it at the same time on its own CE; "pretrained" loads it from
+  `teacher.path`, frozen). Saves `plain.keras`, and `resnet.keras` in joint mode.
+- "supervised": one net with `model.supervised_shortcuts` ("all": the ResNet, saved as `resnet.keras`,
+  usable later as `teacher.path`; "none"/"downsample": the plain baseline, saved as `plain.keras`).
+
+The workdir layout is in `rd_keras.checkpointing`. Rerunning the same command resumes from the newest
+checkpoint: schedules are functions of the restored global step, so they continue where they stopped.
+"""
+
+import dataclasses
+import os
+
+import keras
+import tensorflow as tf
+
+from rd_keras import architectures, checkpointing, data, distill, hybrid, schedules, teacher
+from rd_keras.loop import TrainLoop
+
+TRAIN_MODES = ("distill", "supervised")
+TEACHER_MODES = ("joint", "pretrained")
+STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16")
+NAN_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before anything is written."""
+
+
+def _check(ok, message):
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(value, allowed, key):
+    _check(value in allowed, f"config.{key} must be one of {allowed}, got {value!r}.")
+
+
+def _number(value, key, low, high=float("inf"), integer=False, low_open=False):
+    kind = int if integer else (int, float)
+    ok = isinstance(value, kind) and not isinstance(value, bool) and value <= high and (
+        value > low if low_open else value >= low)
+    bounds = f"{'(' if low_open else '['}{low}, {high}]"
+    _check(ok, f"config.{key} must be {'an integer' if integer else 'a number'} in {bounds}, got {value!r}.")
+
+
+def validate(config):
+    """Checks every value `run` uses, quoting the bad one; touches no file."""
+    t, m, d = config.train, config.model, config.distill
+    _choice(t.mode, TRAIN_MODES, "train.mode")
+    try:
+        architectures.get_spec(m.arch)
+    except ValueError as e:
+        raise ConfigError(f"config.model.arch: {e}") from None
+    _number(m.width, "model.width", 0, low_open=True)
+    _choice(m.stem, ("", *architectures.STEMS), "model.stem")
+    _choice(m.student_shortcuts, ("none", "downsample"), "model.student_shortcuts")
+    _choice(m.supervised_shortcuts, architectures.SHORTCUT_MODES, "model.supervised_shortcuts")
+    _choice(t.strategy, STRATEGIES, "train.strategy")
+    _choice(t.precision, PRECISIONS, "train.precision")
+    _choice(t.nan_policy, NAN_POLICIES, "train.nan_policy")
+    _number(t.epochs, "train.epochs", 1, integer=True)
+    _number(t.lr, "train.lr", 0, low_open=True)
+    _number(t.momentum, "train.momentum", 0, 1)
+    _number(t.weight_decay, "train.weight_decay", 0)
+    _number(t.warmup_epochs, "train.warmup_epochs", 0, t.epochs)
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _number(t[key], f"train.{key}", 1, integer=True)
+    _number(t.steps_per_run, "train.steps_per_run", 0, integer=True)
+    if t.mode == "distill":
+        _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
+        _number(d.temperature, "distill.temperature", 0, low_open=True)
+        _number(d.kd_alpha, "distill.kd_alpha", 0)
+        _number(d.blend_floor, "distill.blend_floor", 0, 1)
+        _number(d.blend_epochs, "distill.blend_epochs", 0)
+        _check(architectures.get_spec(m.arch).blocks[1:],
+               f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
+
+
+def make_strategy(name):
+    """'auto': MultiWorkerMirrored when TF_CONFIG is set, Mirrored on several GPUs, else the default."""
+    if name == "auto":
+        if os.environ.get("TF_CONFIG"):
+            name = "multi_worker"
+        elif len(tf.config.list_physical_devices("GPU")) > 1:
+            name = "mirrored"
+        else:
+            name = "default"
+    return {"default": tf.distribute.get_strategy, "mirrored": tf.distribute.MirroredStrategy,
+            "multi_worker": tf.distribute.MultiWorkerMirroredStrategy}[name]()
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything the loop drives: trained models by role ("plain", "resnet"), the RD teacher (None when
+    supervised), steps and checkpointed state."""
+
+    trained: dict
+    teacher: object
+    train_step: object
+    eval_step: object
+    checkpoint_objects: dict
+    step: tf.Variable
+    epoch: tf.Variable
+
+
+def _optimizer(config, lr_fn):
+    opt = keras.optimizers.SGD(learning_rate=lr_fn, momentum=config.train.momentum,
+                               nesterov=config.train.nesterov)
+    if config.train.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
+    """Models, optimizers (built, so their slots exist before the first distributed step) and steps.
+    Call inside `strategy.scope()`."""
+    t, m = config.train, config.model
+    step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+    total = t.epochs * steps_per_epoch
+
+    def lr_fn(s=step):
+        return schedules.warmup_cosine_lr(s, base_lr=t.lr, warmup_steps=int(t.warmup_epochs * steps_per_epoch),
+                                          total_steps=total)
+
+    def net(shortcuts):
+        return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
+                                   input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
+                                   dirac=m.dirac)
+
+    loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
+                                  temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha)
+    extras = {"lr": lr_fn}
+    if t.mode == "supervised":
+        role = "resnet" if m.supervised_shortcuts == "all" else "plain"
+        model = net(m.supervised_shortcuts)
+        trained, resnet = {role: model}, None
+        updates = [distill.Update("total", _optimizer(config, lr_fn), model.trainable_variables)]
+        loss_fn = lambda x, y: distill.supervised_losses(model, x, y, loss_cfg)  # noqa: E731
+        eval_step = distill.build_eval_step(strategy, model)
+    else:
+        joint = config.teacher.mode == "joint"
+        plain = net(m.student_shortcuts)
+        resnet = net("all") if joint else teacher.load(
+            teacher_source, model_config=m, num_classes=info.num_classes, input_shape=info.image_shape)
+        tails = hybrid.teacher_tails(resnet)
+        trained = {"plain": plain, **({"resnet": resnet} if joint else {})}
+        updates = [distill.Update("total", _optimizer(config, lr_fn), plain.trainable_variables)]
+        if joint:
+            updates.append(distill.Update("teacher_total", _optimizer(config, lr_fn), resnet.trainable_variables))
+
+        def blend(s):
+            return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch,
+                                          blend_epochs=config.distill.blend_epochs, floor=config.distill.blend_floor)
+
+        extras["blend"] = blend
+        loss_fn = lambda x, y: distill.distill_losses(  # noqa: E731
+            plain, resnet, tails, x, y, blend=blend(step), cfg=loss_cfg, joint=joint)
+        eval_step = distill.build_eval_step(strategy, plain, resnet, tails)
+    for u in updates:
+        u.optimizer.build(u.variables)
+    state = [v for model in trained.values() for v in model.non_trainable_variables]
+    train_step = distill.build_train_step(
+        strategy, loss_fn, updates, step=step, state_variables=state, nan_skip=t.nan_policy == "skip",
+        jit_compile=t.jit_compile, extras_fn=lambda s: {k: f(s) for k, f in extras.items()})
+    roles = list(trained)
+    objects = {"step": step, "epoch": epoch, **trained,
+               **{f"{role}_optimizer": u.optimizer for role, u in zip(roles, updates)}}
+    return Setup(trained, resnet, train_step, eval_step, objects, step, epoch)
+
+
+def _distribute(strategy, ds):
+    # Shard by example: the in-memory sources have no files to shard by.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
+
+
+def run(config, workdir):
+    """Trains as configured; returns the final evaluation dict (None when stopped early by
+    `train.steps_per_run` or SIGTERM, after saving a checkpoint)."""
+    validate(config)
+    resuming = checkpointing.check_workdir(workdir, config)
+    teacher_source = None
+    if config.train.mode == "distill" and config.teacher.mode == "pretrained":
+        teacher_source = teacher.resolve(config.teacher.path)
+    strategy = make_strategy(config.train.strategy)
+    replicas = strategy.num_replicas_in_sync
+    _check(config.data.batch_size % replicas == 0,
+           f"config.data.batch_size={config.data.batch_size} must be divisible by the {replicas} replicas.")
+    keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    train_ds, eval_ds, info = data.datasets(config)
+    steps_per_epoch = info.train_examples // config.data.batch_size
+
+    previous_policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(config.train.precision)
+    try:
+        with strategy.scope():
+            setup = build_setup(config, info, strategy, steps_per_epoch, teacher_source)
+        chief = checkpointing.is_chief(strategy)
+        if chief:
+            os.makedirs(workdir, exist_ok=True)
+            checkpointing.write_config(
+                workdir, config, dataset=dataclasses.asdict(info),
+                run={"steps_per_epoch": steps_per_epoch, "total_steps": config.train.epochs * steps_per_epoch,
+                     "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming})
+        loop = TrainLoop(config, workdir, setup, chief=chief, steps_per_epoch=steps_per_epoch,
+                         num_eval_examples=info.eval_examples)
+        return loop.run(_distribute(strategy, train_ds), _distribute(strategy, eval_ds))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
