@@ -1,0 +1,282 @@
+"""The RD step: gradient paths, frozen/joint teacher updates, schedules, KD, MirroredStrategy, mixed precision."""
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from rd_keras import architectures, data, distill, hybrid, schedules, teacher, train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE, CLASSES, BATCH = (16, 16, 3), 10, 8
+INFO = data.DatasetInfo(CLASSES, SHAPE, 64, 16, (0.5,) * 3, (0.25,) * 3)
+STEPS_PER_EPOCH = INFO.train_examples // BATCH
+
+
+def small_config(**overrides):
+    """configs/common.py shrunk to resnet8 x0.25 on 16x16 synthetic images; overrides: {"train.lr": 0.1}."""
+    spec = importlib.util.spec_from_file_location("common_for_tests", os.path.join(ROOT, "configs", "common.py"))
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    config = common.smoke(common.get_config())
+    config.data.update(source="synthetic", name="synthetic", image_size=16, channels=3, batch_size=BATCH,
+                       synthetic_examples=INFO.train_examples, augment="none", train_subset=0, eval_subset=0)
+    config.train.update(warmup_epochs=0.0, epochs=2)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def batch(seed=0):
+    images = tf.random.stateless_normal((BATCH, *SHAPE), seed=(seed, 1))
+    labels = tf.random.stateless_uniform((BATCH,), seed=(seed, 2), maxval=CLASSES, dtype=tf.int32)
+    return images, labels
+
+
+def one_batch_iterator(images, labels):
+    return iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+
+
+def setup_for(config, teacher_source=None):
+    return train_lib.build_setup(config, INFO, tf.distribute.get_strategy(), STEPS_PER_EPOCH, teacher_source)
+
+
+def snapshot(model):
+    return {v.path: v.numpy().copy() for v in model.weights}
+
+
+# ----------------------------------------------------------------------------- gradient paths
+
+
+def test_hybrid_losses_reach_plain_early_stages_through_the_teacher():
+    config = small_config(**{"distill.kd_alpha": 0.5})
+    setup = setup_for(config)
+    plain, resnet = setup.trained["plain"], setup.trained["resnet"]
+    images, labels = batch()
+    setup.train_step(one_batch_iterator(images, labels))  # one joint RD step first
+    tails = hybrid.teacher_tails(resnet)
+    stage1 = [v for v in plain.trainable_variables if v.path.startswith("stage1_") and v.path.endswith("kernel")]
+    stage3 = [v for v in plain.trainable_variables if v.path.startswith("stage3_") and v.path.endswith("kernel")]
+    assert stage1 and stage3
+    cfg = distill.LossConfig(global_batch_size=BATCH, kd_alpha=0.5)
+
+    def hybrid_only_grads(cut):
+        with tf.GradientTape() as tape:
+            out = dict(plain(images, training=True))
+            if cut:  # the teacher tail as a constant: no gradient may come back through it
+                out = {k: tf.stop_gradient(v) for k, v in out.items()}
+            terms = distill.distill_losses(plain, resnet, tails, images, labels, blend=1.0, cfg=cfg, joint=False)
+            hybrid_terms = [v for k, v in terms.items() if k.startswith(("hybrid_ce_", "kd_"))]
+            # Recompute the hybrid terms on `out`, so that cutting it cuts their only path to the plain net.
+            logits = hybrid.hybrid_logits(tails, out)
+            loss = tf.add_n([tf.reduce_mean(distill.cross_entropy(labels, h)) for h in logits])
+        assert len(hybrid_terms) == 4  # hybrid_ce_1, hybrid_ce_2, kd_1, kd_2
+        return tape.gradient(loss, stage1 + stage3)
+
+    grads = hybrid_only_grads(cut=False)
+    assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads[:len(stage1)])
+    assert all(g is None for g in grads[len(stage1):])  # stage3 of the plain net is past every boundary
+    assert all(g is None for g in hybrid_only_grads(cut=True))
+
+    # And the same through the real objective: total minus plain CE and weight decay is the hybrid part.
+    with tf.GradientTape() as tape:
+        terms = distill.distill_losses(plain, resnet, tails, images, labels, blend=1.0, cfg=cfg, joint=False)
+        hybrid_part = terms["total"] - terms["plain_ce"] - terms["weight_decay"]
+    grads = tape.gradient(hybrid_part, stage1 + resnet.trainable_variables)
+    assert all(float(tf.reduce_max(tf.abs(g))) > 0 for g in grads[:len(stage1)])
+
+
+# ----------------------------------------------------------------------------- teacher updates
+
+
+def test_pretrained_teacher_is_bitwise_unchanged(tmp_path):
+    source = architectures.build("resnet8", num_classes=CLASSES, input_shape=SHAPE, width=0.25)
+    source(tf.zeros((1, *SHAPE)), training=True)
+    source.save(tmp_path / "resnet.keras")
+    config = small_config(**{"teacher.mode": "pretrained", "teacher.path": str(tmp_path), "distill.kd_alpha": 0.5})
+    setup = setup_for(config, teacher.resolve(config.teacher.path))
+    assert list(setup.trained) == ["plain"] and "resnet" not in setup.checkpoint_objects
+    assert not setup.teacher.trainable_variables
+    for a, b in zip(setup.teacher.weights, source.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    before_teacher, before_plain = snapshot(setup.teacher), snapshot(setup.trained["plain"])
+    iterator = one_batch_iterator(*batch())
+    for _ in range(2):
+        terms = setup.train_step(iterator)
+    assert "teacher_ce" not in terms and math.isfinite(float(terms["total"]))
+    after = snapshot(setup.teacher)
+    assert before_teacher.keys() == after.keys()
+    for path in before_teacher:  # kernels, BN gamma/beta and BN moving statistics alike
+        np.testing.assert_array_equal(before_teacher[path], after[path], err_msg=path)
+    changed = snapshot(setup.trained["plain"])
+    assert any(not np.array_equal(before_plain[k], changed[k]) for k in before_plain)
+
+
+def test_pretrained_teacher_mismatch_names_both(tmp_path):
+    architectures.build("resnet8", num_classes=CLASSES, input_shape=SHAPE, width=0.5).save(tmp_path / "t.keras")
+    config = small_config(**{"teacher.mode": "pretrained", "teacher.path": str(tmp_path / "t.keras")})
+    with pytest.raises(teacher.TeacherError, match=r"(?s)stem width 8.*stem width 4"):
+        setup_for(config, teacher.resolve(config.teacher.path))
+    with pytest.raises(teacher.TeacherError, match="not found"):
+        teacher.resolve(str(tmp_path / "missing.keras"))
+
+
+def test_joint_teacher_update_equals_its_own_supervised_step():
+    images, labels = batch()
+    joint = setup_for(small_config(**{"distill.kd_alpha": 0.5}))
+    supervised = setup_for(small_config(**{"train.mode": "supervised", "model.supervised_shortcuts": "all"}))
+    copy = supervised.trained["resnet"]
+    copy.set_weights(joint.teacher.get_weights())
+    for _ in range(2):  # the second step also exercises the momentum slots
+        joint_terms = joint.train_step(one_batch_iterator(images, labels))
+        supervised_terms = supervised.train_step(one_batch_iterator(images, labels))
+    np.testing.assert_allclose(float(joint_terms["teacher_ce"]), float(supervised_terms["ce"]), rtol=1e-5)
+    for a, b in zip(joint.teacher.weights, copy.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+# ----------------------------------------------------------------------------- schedules and KD
+
+
+def test_blend_schedule():
+    kw = dict(steps_per_epoch=10, blend_epochs=4, floor=0.2)
+    assert schedules.blend_weight(0, **kw) == pytest.approx(1.0)
+    assert schedules.blend_weight(20, **kw) == pytest.approx(0.6)  # half-way: floor + (1 - floor) / 2
+    assert schedules.blend_weight(10, **kw) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert schedules.blend_weight(40, **kw) == pytest.approx(0.2)
+    assert schedules.blend_weight(1000, **kw) == pytest.approx(0.2)
+    assert schedules.blend_weight(5, steps_per_epoch=10, blend_epochs=0, floor=0.3) == pytest.approx(0.3)
+    for step in (0, 7, 20, 33, 40, 99):  # tensors and Python numbers agree
+        assert float(schedules.blend_weight(tf.constant(step, tf.int64), **kw)) == pytest.approx(
+            schedules.blend_weight(step, **kw), abs=1e-6)
+    with pytest.raises(ValueError, match="1.5"):
+        schedules.blend_weight(0, steps_per_epoch=10, blend_epochs=1, floor=1.5)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    kw = dict(base_lr=0.4, warmup_steps=4, total_steps=24)
+    assert [schedules.warmup_cosine_lr(s, **kw) for s in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    assert schedules.warmup_cosine_lr(4, **kw) == pytest.approx(0.4)
+    assert schedules.warmup_cosine_lr(14, **kw) == pytest.approx(0.2)
+    assert schedules.warmup_cosine_lr(24, **kw) == pytest.approx(0.0)
+    assert float(schedules.warmup_cosine_lr(tf.constant(14, tf.int64), **kw)) == pytest.approx(0.2)
+
+
+def test_kd_term_matches_hand_computation():
+    teacher_logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]], np.float32)
+    student_logits = np.array([[1.0, 1.0, 0.0], [1.0, -2.0, 0.5]], np.float32)
+    temperature = 2.0
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q = softmax(teacher_logits / temperature), softmax(student_logits / temperature)
+    expected = temperature ** 2 * (p * np.log(p / q)).sum(-1)
+    got = distill.kd_loss(teacher_logits, student_logits, temperature).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.allclose(distill.kd_loss(teacher_logits, teacher_logits, temperature).numpy(), 0.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- NaN policy, mixed precision
+
+
+def test_nan_skip_changes_nothing():
+    setup = setup_for(small_config(**{"train.nan_policy": "skip"}))
+    models = list(setup.trained.values())
+    before = [snapshot(m) for m in models]
+    images, labels = batch()
+    poisoned = tf.tensor_scatter_nd_update(images, [[0, 0, 0, 0]], [float("nan")])
+    terms = setup.train_step(one_batch_iterator(poisoned, labels))
+    assert float(terms["skipped"]) == 1.0
+    for model, old in zip(models, before):
+        new = snapshot(model)
+        for path in old:
+            np.testing.assert_array_equal(old[path], new[path], err_msg=path)
+    terms = setup.train_step(one_batch_iterator(images, labels))
+    assert float(terms["skipped"]) == 0.0 and int(setup.step.numpy()) == 2
+
+
+def test_mixed_float16_step_is_finite_and_loss_scaled():
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        setup = setup_for(small_config(**{"train.precision": "mixed_float16", "distill.kd_alpha": 0.5}))
+        optimizers = [v for k, v in setup.checkpoint_objects.items() if k.endswith("_optimizer")]
+        assert len(optimizers) == 2
+        assert all(isinstance(o, keras.optimizers.LossScaleOptimizer) for o in optimizers)
+        plain = setup.trained["plain"]
+        assert plain.get_layer("stage1_block1_conv1").compute_dtype == "float16"
+        before = snapshot(plain)
+        iterator = one_batch_iterator(*batch())
+        for _ in range(2):
+            terms = setup.train_step(iterator)
+        assert all(math.isfinite(float(v)) for v in terms.values()), terms
+        assert any(not np.array_equal(before[k], v) for k, v in snapshot(plain).items())
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# ----------------------------------------------------------------------------- MirroredStrategy
+
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
+    import keras
+    import numpy as np
+    sys.path[:0] = [sys.argv[1], sys.argv[2]]
+    from rd_keras import train_lib
+    from test_distill import BATCH, INFO, STEPS_PER_EPOCH, batch, small_config
+
+    keras.utils.set_random_seed(0)
+    config = small_config(**{"distill.kd_alpha": 0.5, "data.batch_size": 2 * BATCH})
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert mirrored.num_replicas_in_sync == 2
+    with mirrored.scope():
+        multi = train_lib.build_setup(config, INFO, mirrored, STEPS_PER_EPOCH)
+    single = train_lib.build_setup(config, INFO, tf.distribute.get_strategy(), STEPS_PER_EPOCH)
+    for role in ("plain", "resnet"):
+        single.trained[role].set_weights(multi.trained[role].get_weights())
+
+    # Both halves of the global batch are the same images: per-replica BatchNorm statistics then equal the
+    # global-batch statistics, so one device and two replicas must compute the same update.
+    half_images, half_labels = batch()
+    images, labels = tf.concat([half_images] * 2, 0), tf.concat([half_labels] * 2, 0)
+    dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
+    multi_iter = iter(mirrored.experimental_distribute_dataset(dataset))
+    single_iter = iter(dataset)
+    for _ in range(2):
+        multi_terms = multi.train_step(multi_iter)
+        single_terms = single.train_step(single_iter)
+    for k in single_terms:
+        np.testing.assert_allclose(float(multi_terms[k]), float(single_terms[k]), rtol=1e-4, err_msg=k)
+    for role in ("plain", "resnet"):
+        for v, w in zip(multi.trained[role].weights, single.trained[role].weights):
+            copies = [c.numpy() for c in v.value.values]
+            assert len(copies) == 2
+            np.testing.assert_array_equal(copies[0], copies[1], err_msg="replicas differ: " + v.path)
+            np.testing.assert_allclose(copies[0], w.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
+    assert 0 <= float(multi_terms["train_acc"]) <= 1
+    print("MIRRORED_OK", {k: round(float(v), 5) for k, v in multi_terms.items()})
+""")
+
+
+def test_mirrored_two_replicas_match_single_device(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED_SCRIPT)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "MIRRORED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
