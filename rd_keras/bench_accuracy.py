@@ -1,0 +1,256 @@
+"""`bench accuracy`: does RD let a plain net match its ResNet? The paper's core experiment, by `train.py`.
+
+For each depth D in `--depths` four runs, identical budget and schedule (`--epochs`, `--width`,
+`--train_subset` on top of `--config`), each `train.py` in its own workdir under `--out`:
+
+- `resnet`: ResNet-D trained alone (`train.mode=supervised`, shortcuts "all");
+- `plain`: plain-D trained alone (shortcuts "none"): the gap RD has to close;
+- `rd_joint`: plain-D trained by RD, the ResNet teacher trained alongside (`teacher.mode=joint`);
+- `rd_pretrained`: plain-D trained by RD from the frozen ResNet of the `resnet` run (`teacher.mode=pretrained`).
+
+Reported per run: test accuracy of the trained net (the plain net for RD runs; RD runs also give their
+teacher's), the final epoch's mean training cross-entropy of that net, wall time, and the learning curves
+read from each workdir's metrics.jsonl. The hybrid-loss decay `distill.blend_epochs` keeps the config's
+fraction of the run when `--epochs` shortens it. A workdir holding a finished run is reused, not retrained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+from rd_keras import bench_common as common
+
+RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained")
+DONE_FILE = "bench_run.json"  # written into a workdir when its run finished, with the wall time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def add_arguments(parser):
+    parser.add_argument("--config", default="configs/fashion_mnist.py",
+                        help="trainer config, path[:variant] (default: %(default)s, offline IDX Fashion-MNIST)")
+    parser.add_argument("--depths", default="56,20", help="CIFAR-style depths 6n+2 (default: %(default)s)")
+    parser.add_argument("--runs", default=",".join(RUNS), help="subset of %(default)s")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's (full budget)")
+    parser.add_argument("--width", type=float, default=None, help="default: the config's")
+    parser.add_argument("--train_subset", type=int, default=None,
+                        help="first N training images; 0 = all (default: the config's)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config override, passed as --config.KEY=VALUE to every run (repeatable)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at once; > 1 shares the machine, so wall times grow (default: 1)")
+    parser.add_argument("--out", default="runs/accuracy", help="one workdir per run under here")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def load_config(spec):
+    """The ConfigDict of `path[:variant]`, loaded the way train.py does, to read the budget it implies."""
+    path, _, variant = spec.partition(":")
+    if not os.path.isfile(path):
+        raise common.FlagError(f"--config: no such file {path!r}.")
+    module_spec = importlib.util.spec_from_file_location("rd_keras_bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(variant or None)
+    except ValueError as e:
+        raise common.FlagError(f"--config={spec!r}: {e}") from None
+
+
+def _parse_override(text):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise common.FlagError(f"--override must be KEY=VALUE, got {text!r}.")
+    return key.strip(), value.strip()
+
+
+def plan(args):
+    """(budget, runs): the resolved budget and one dict per run, in an order that respects dependencies."""
+    config = load_config(args.config)
+    depths = common.parse_ints(args.depths, "--depths", minimum=8)
+    for depth in depths:
+        if (depth - 2) % 6:
+            raise common.FlagError(f"--depths: {depth} is not 6n+2 (8, 14, 20, 26, ...); got {args.depths!r}.")
+    kinds = common.parse_choices(args.runs, "--runs", RUNS)
+    if "rd_pretrained" in kinds and "resnet" not in kinds:
+        raise common.FlagError(f"--runs={args.runs!r}: rd_pretrained needs the resnet run as its teacher.")
+    epochs = config.train.epochs if args.epochs is None else args.epochs
+    width = config.model.width if args.width is None else args.width
+    subset = config.data.train_subset if args.train_subset is None else args.train_subset
+    common.check_positive(epochs, "--epochs")
+    common.check_positive(width, "--width")
+    common.check_positive(subset, "--train_subset", allow_zero=True)
+    common.check_positive(args.parallel, "--parallel")
+    blend_epochs = config.distill.blend_epochs * epochs / config.train.epochs
+    overrides = dict(_parse_override(o) for o in args.override)
+    budget = {"config": args.config, "epochs": epochs, "width": width, "train_subset": subset,
+              "eval_subset": config.data.eval_subset, "batch_size": config.data.batch_size,
+              "lr": config.train.lr, "warmup_epochs": config.train.warmup_epochs,
+              "blend_epochs": blend_epochs, "blend_floor": config.distill.blend_floor,
+              "kd_alpha": config.distill.kd_alpha, "data_source": config.data.source,
+              "overrides": overrides}
+    common_flags = {"train.epochs": epochs, "model.width": width, "data.train_subset": subset,
+                    "distill.blend_epochs": blend_epochs, "train.progress": False, **overrides}
+    per_kind = {
+        "resnet": {"train.mode": "supervised", "model.supervised_shortcuts": "all"},
+        "plain": {"train.mode": "supervised", "model.supervised_shortcuts": "none"},
+        "rd_joint": {"train.mode": "distill", "teacher.mode": "joint"},
+        "rd_pretrained": {"train.mode": "distill", "teacher.mode": "pretrained"},
+    }
+    runs = []
+    for depth in depths:
+        for kind in RUNS:
+            if kind not in kinds:
+                continue
+            workdir = os.path.join(args.out, f"d{depth}_{kind}")
+            flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[kind]}
+            if kind == "rd_pretrained":
+                flags["teacher.path"] = os.path.join(args.out, f"d{depth}_resnet")
+            command = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={args.config}",
+                       f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
+            runs.append({"name": f"d{depth}_{kind}", "depth": depth, "kind": kind, "workdir": workdir,
+                         "command": command,
+                         "needs": f"d{depth}_resnet" if kind == "rd_pretrained" else None})
+    return budget, runs
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _finished(run):
+    """The done-record of a finished run of exactly this command, else None; a finished run of another
+    command (other budget or config) is an error, never silently reused."""
+    path = os.path.join(run["workdir"], DONE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    if done.get("returncode") != 0:
+        return None
+    if done.get("command") != " ".join(run["command"]):
+        raise common.FlagError(f"{run['workdir']!r} holds a finished run of another command:\n  {done.get('command')}"
+                               f"\nnot\n  {' '.join(run['command'])}\nRemove it or choose another --out.")
+    return done
+
+
+def _start(run):
+    if os.path.exists(run["workdir"]):
+        raise common.FlagError(f"{run['workdir']!r} exists but holds no finished run ({DONE_FILE}); remove it "
+                               "or choose another --out.")
+    os.makedirs(run["workdir"])
+    log = open(os.path.join(run["workdir"], "train.log"), "w")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen(run["command"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+    return proc, log, time.perf_counter()
+
+
+def execute(runs, parallel):
+    """Runs what is not finished yet, at most `parallel` at once; returns {name: done-record}."""
+    done = {}
+    pending = []
+    for run in runs:
+        record = _finished(run)
+        if record is not None:
+            done[run["name"]] = {**record, "reused": True}
+        else:
+            pending.append(run)
+    active = {}
+    bar = common.progress(range(len(pending)), "training runs")
+    failed = []
+    while pending or active:
+        for run in list(pending):
+            ready = run["needs"] is None or run["needs"] in done
+            blocked = run["needs"] in failed
+            if blocked:
+                pending.remove(run)
+                failed.append(run["name"])
+            elif ready and len(active) < parallel:
+                pending.remove(run)
+                active[run["name"]] = (run, *_start(run))
+        time.sleep(0.5)
+        for name, (run, proc, log, start) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            record = {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
+                      "command": " ".join(run["command"]), "parallel": parallel}
+            with open(os.path.join(run["workdir"], DONE_FILE), "w") as f:
+                json.dump(record, f, indent=1)
+            del active[name]
+            bar.update(1)
+            if proc.returncode == 0:
+                done[name] = {**record, "reused": False}
+            else:
+                failed.append(name)
+                print(f"run {name} failed (exit {proc.returncode}); log: {run['workdir']}/train.log",
+                      file=sys.stderr)
+    bar.close()
+    return done, failed
+
+
+# ----------------------------------------------------------------------------- reading the results
+
+
+def read_metrics(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def curves(records):
+    """Learning curves of a run: per evaluation, the trained net's test accuracy and train CE, and for RD
+    runs the teacher's test accuracy and the hybrid paths' accuracies."""
+    distill = "plain_ce" in records[0]
+    out = {"epoch": [r["epoch"] for r in records], "step": [r["step"] for r in records],
+           "test_acc": [r["acc"] for r in records], "test_loss": [r["loss"] for r in records],
+           "train_ce": [r.get("plain_ce" if distill else "ce") for r in records],
+           "train_total": [r.get("total") for r in records]}
+    if distill:
+        out["teacher_acc"] = [r.get("teacher_acc") for r in records]
+        out["hybrid_acc"] = [r.get("hybrid_acc") for r in records]
+    return out
+
+
+def summarize_run(run, done):
+    entry = {"name": run["name"], "depth": run["depth"], "kind": run["kind"], "workdir": run["workdir"]}
+    if run["name"] not in done:
+        return {**entry, "failed": True}
+    records = read_metrics(run["workdir"])
+    c = curves(records)
+    entry.update(test_acc=c["test_acc"][-1], final_train_ce=c["train_ce"][-1], wall_s=done[run["name"]]["wall_s"],
+                 reused=done[run["name"]]["reused"], command=done[run["name"]]["command"],
+                 teacher_acc=c.get("teacher_acc", [None])[-1], curves=c)
+    return entry
+
+
+def table(results) -> str:
+    rows = []
+    for r in results:
+        if r.get("failed"):
+            rows.append([r["depth"], r["kind"], None, None, None, None, "failed"])
+            continue
+        rows.append([r["depth"], r["kind"], 100 * r["test_acc"],
+                     None if r["teacher_acc"] is None else 100 * r["teacher_acc"], r["final_train_ce"],
+                     r["wall_s"] / 60, "reused" if r["reused"] else ""])
+    header = ["depth", "run", "test acc %", "teacher acc %", "final train CE", "wall min", ""]
+    return common.format_table(rows, header)
+
+
+def run(args):
+    budget, runs = plan(args)
+    done, failed = execute(runs, args.parallel)
+    results = [summarize_run(r, done) for r in runs]
+    payload = {"command": "accuracy", "machine": common.machine(), "budget": budget,
+               "settings": {"parallel": args.parallel, "out": args.out}, "results": results}
+    print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
+          f"(0 = all), batch {budget['batch_size']}, config {budget['config']}")
+    print(table(results))
+    if args.json:
+        common.write_json(args.json, payload)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
+    return payload

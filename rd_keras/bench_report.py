@@ -1,0 +1,364 @@
+"""`bench report`: regenerate docs/results.md and its plots from the JSON files the other commands saved.
+
+Reads `<results_dir>/{inference,memory,train_step,accuracy}.json` (any that exist), writes `--out`
+(markdown: machine, budget, date and exact command of every measurement, the tables, and the comparison
+with the paper's claims computed from the numbers) and PNG plots under `--img_dir` (matplotlib, Agg):
+`accuracy_curves.png`, `inference.png`, `memory.png`. Nothing is measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rd_keras import bench_common as common
+
+FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
+         "accuracy": "accuracy.json"}
+RUN_LABELS = {"resnet": "ResNet (supervised)", "plain": "plain (supervised)", "rd_joint": "plain + RD (joint teacher)",
+              "rd_pretrained": "plain + RD (pretrained teacher)"}
+PAPER = {"speedup": 1.4, "memory_ratio": 1.25, "memory_share": 0.40}
+
+
+def add_arguments(parser):
+    parser.add_argument("--results_dir", default=common.RESULTS_DIR, help="where the JSON files are")
+    parser.add_argument("--out", default=os.path.join("docs", "results.md"), help="markdown file to write")
+    parser.add_argument("--img_dir", default=os.path.join("docs", "img"), help="where the PNG plots go")
+
+
+def load(results_dir):
+    found = {}
+    for command, name in FILES.items():
+        path = os.path.join(results_dir, name)
+        if os.path.isfile(path):
+            with open(path) as f:
+                found[command] = json.load(f)
+    return found
+
+
+# ----------------------------------------------------------------------------- markdown helpers
+
+
+def md_table(rows, header):
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(payload):
+    m = payload["machine"]
+    gpus = ", ".join(m["gpus"]) or "no GPU"
+    load = m.get("load_average")
+    load_text = f", load average at start {load[0]:.1f}" if load else ""
+    return (f"*Measured {m['date']} on {m['cpu']} ({m['cpu_cores']} cores, {gpus}{load_text}); "
+            f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, ai-edge-litert {m['ai_edge_litert']}.*\n"
+            f"Command: `{m['command']}`")
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def inference_section(payload, img):
+    rows = []
+    for r in payload["results"]:
+        for m in r["measurements"]:
+            latency = m["batch_size"] == 1
+            key = "median_ms" if latency else "images_per_s"
+            rows.append([r["pair"], m["runtime"], m["batch_size"], "ms" if latency else "img/s",
+                         m["resnet"][key], m["plain"][key], m["resnet"]["p90_ms"], m["plain"]["p90_ms"],
+                         m["speedup"], m["paired_speedup"]["median"],
+                         f"{m['paired_speedup']['q25']:.2f}–{m['paired_speedup']['q75']:.2f}",
+                         min(m["resnet"]["runs"], m["plain"]["runs"])])
+    s = payload["settings"]
+    return "\n\n".join([
+        "## Inference speed",
+        provenance(payload),
+        f"Random weights, BN folded. Batch 1: median latency; batch > 1: images/s from the median batch "
+        f"time. Each pair timed interleaved in one process ({s['warmup']} warm-up round(s), then "
+        f"{s['min_runs']}–{s['runs']} rounds or {s['budget_s']} s). TFLite: XNNPACK delegate with "
+        f"`_t<threads>` threads; Keras and SavedModel: TensorFlow's own thread pool "
+        f"({s['tf_intra_op_threads']}). **speedup** = ResNet time / plain time (paper: "
+        f"{PAPER['speedup']}x); **paired** = median of the per-round ratios, with its interquartile range.",
+        md_table(rows, ["pair", "runtime", "batch", "unit", "ResNet", "plain", "ResNet p90 ms", "plain p90 ms",
+                        "speedup", "paired", "paired IQR", "runs"]),
+        f"![inference]({img}/inference.png)",
+    ])
+
+
+def memory_section(payload, img):
+    from rd_keras import bench_memory
+
+    rows = bench_memory.rows(payload["results"])
+    s = payload["settings"]
+    return "\n\n".join([
+        "## Feature-map memory at inference",
+        provenance(payload),
+        f"**liveness**: peak bytes of feature maps alive at once in the BN-folded classifier (exact walk, "
+        f"conv+ReLU fused as TFLite does), fp32 and int8, batch {s['batch_size']}. **tflite arena**: "
+        f"the read-write arena TFLite's planner allocates (feature maps plus kernel scratch such as im2col; "
+        f"builtin kernels, 1 thread). **rss**: peak growth of a fresh process's resident memory during its "
+        f"first batch-{s['rss_batch']} call (Keras/TF, or LiteRT with XNNPACK, 1 thread). **two-buffer "
+        f"floor**: the largest input+output of a single layer, which no net of this shape sequence can go "
+        f"below. ratio = ResNet / plain (paper: {PAPER['memory_ratio']}x); shortcut % = 1 - plain / ResNet "
+        f"(paper: ~{PAPER['memory_share']:.0%} for ResNet-50).",
+        md_table(rows, ["pair", "measure", "ResNet MiB", "plain MiB", "ratio", "shortcut %"]),
+        f"![memory]({img}/memory.png)",
+    ])
+
+
+def train_step_section(payload):
+    rows = []
+    for r in payload["results"]:
+        for combo in r["combinations"]:
+            jit = "on" if combo["jit_compile"] else "off"
+            if "skipped" in combo:
+                rows.append([combo["precision"], jit, "skipped: " + combo["skipped"][:120].replace("|", "/"),
+                             None, None, None, None])
+                continue
+            for kind, st in combo["steps"].items():
+                rows.append([combo["precision"], jit, kind, st["images_per_s"], st["median_ms"], st.get("relative"),
+                             st["runs"]])
+    r = payload["results"][0]
+    return "\n\n".join([
+        "## Training step throughput",
+        provenance(payload),
+        f"{r['pair']} at {tuple(r['input_shape'])}, batch {r['batch_size']}, on the {r['device']}, synthetic "
+        f"data, steps built by `rd_keras.distill.build_train_step`. **relative** = step time / supervised "
+        f"ResNet step time. `rd_joint` updates plain net and teacher; `rd_pretrained` only the plain net.",
+        md_table(rows, ["precision", "XLA", "step", "img/s", "median ms", "relative", "runs"]),
+    ])
+
+
+def accuracy_section(payload, img):
+    b = payload["budget"]
+    rows, verdicts = [], []
+    by_depth = {}
+    for r in payload["results"]:
+        by_depth.setdefault(r["depth"], {})[r["kind"]] = r
+        if r.get("failed"):
+            rows.append([r["depth"], RUN_LABELS[r["kind"]], "failed", None, None, None])
+            continue
+        rows.append([r["depth"], RUN_LABELS[r["kind"]], _pct(r["test_acc"]), _pct(r["teacher_acc"]),
+                     r["final_train_ce"], r["wall_s"] / 60])
+    for depth, runs in by_depth.items():
+        verdicts.append(gap_sentence(depth, runs))
+    subset = "all" if not b["train_subset"] else f"the first {b['train_subset']:,}"
+    return "\n\n".join([
+        "## Accuracy: can RD make a plain net match its ResNet?",
+        provenance(payload),
+        f"Budget: {b['epochs']} epochs on {subset} training images, width {b['width']}, batch "
+        f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
+        f"over {b['blend_epochs']:.3g} epochs to {b['blend_floor']}, kd_alpha {b['kd_alpha']}; data "
+        f"`{b['data_source']}` from `{b['config']}`"
+        + (f", overrides {b['overrides']}" if b["overrides"] else "")
+        + ". Every run of a depth has the same epochs and schedule. Test accuracy on the test split after the "
+          "last epoch (one run each: no error bars).",
+        md_table(rows, ["depth", "run", "test acc %", "teacher acc %", "final train CE", "wall min"]),
+        "\n".join(f"- {v}" for v in verdicts),
+        f"![learning curves]({img}/accuracy_curves.png)",
+    ])
+
+
+def gap_sentence(depth, runs):
+    """What the numbers say about one depth: the plain-vs-ResNet gap and how much of it each RD run closed."""
+    def acc(kind):
+        r = runs.get(kind)
+        return None if r is None or r.get("failed") else r["test_acc"]
+
+    resnet, plain = acc("resnet"), acc("plain")
+    if resnet is None or plain is None:
+        return f"Depth {depth}: the supervised ResNet or plain run is missing, so no gap can be computed."
+    gap = resnet - plain
+    parts = [f"Depth {depth}: plain-{depth} alone is {100 * gap:.2f} points behind ResNet-{depth}"
+             if gap >= 0 else f"Depth {depth}: plain-{depth} alone is {-100 * gap:.2f} points *ahead* of "
+                              f"ResNet-{depth} at this budget, so there is no gap for RD to close"]
+    for kind in ("rd_joint", "rd_pretrained"):
+        rd = acc(kind)
+        if rd is None:
+            continue
+        text = f"{RUN_LABELS[kind]} reaches {100 * rd:.2f}% ({100 * (rd - resnet):+.2f} vs ResNet, " \
+               f"{100 * (rd - plain):+.2f} vs plain alone"
+        if gap > 0:
+            text += f", {100 * (rd - plain) / gap:.0f}% of the gap closed"
+        parts.append(text + ")")
+    return "; ".join(parts) + "."
+
+
+def claims_section(found):
+    """The paper's three numbers next to ours, taken from the largest measured pair."""
+    rows = []
+    if "accuracy" in found:
+        for depth in sorted({r["depth"] for r in found["accuracy"]["results"]}, reverse=True):
+            runs = {r["kind"]: r for r in found["accuracy"]["results"] if r["depth"] == depth and not r.get("failed")}
+            if "resnet" in runs:
+                for kind in ("rd_joint", "rd_pretrained", "plain"):
+                    if kind in runs:
+                        rows.append(["same accuracy", f"plain-{depth} {kind} vs ResNet-{depth}", "≈ 0 points",
+                                     f"{100 * (runs[kind]['test_acc'] - runs['resnet']['test_acc']):+.2f} points"])
+    if "inference" in found:
+        for r in found["inference"]["results"]:
+            if r["resnet"] != "resnet50":
+                continue
+            for m in r["measurements"]:
+                rows.append(["~1.4x faster", f"ResNet-50 {m['runtime']} batch {m['batch_size']}",
+                             f"{PAPER['speedup']}x", f"{m['speedup']:.2f}x (paired {m['paired_speedup']['median']:.2f}x)"])
+    if "memory" in found:
+        for r in found["memory"]["results"]:
+            if r["resnet"] != "resnet50":
+                continue
+            figures = [("liveness fp32", r["liveness"]["fp32"]), ("TFLite arena fp32", r["tflite_arena"]["fp32"]),
+                       ("TFLite arena int8", r["tflite_arena"]["int8"])]
+            figures += [(f"peak RSS {e} batch {v['batch_size']}", v) for e, v in r["rss"].items()]
+            for name, v in figures:
+                if v["ratio"] is None:
+                    continue
+                rows.append(["1.25x less memory, shortcuts ~40%", f"ResNet-50 {name}",
+                             f"{PAPER['memory_ratio']}x / {PAPER['memory_share']:.0%}",
+                             f"{v['ratio']:.2f}x / {v['shortcut_share']:.0%}"])
+    if not rows:
+        return ""
+    return "\n\n".join(["## The paper's claims against our measurements",
+                        md_table(rows, ["claim", "measured on", "paper", "ours"])])
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_accuracy(payload, path):
+    import matplotlib.pyplot as plt
+
+    depths = sorted({r["depth"] for r in payload["results"]}, reverse=True)
+    fig, axes = plt.subplots(2, len(depths), figsize=(5.5 * len(depths), 7), squeeze=False)
+    for col, depth in enumerate(depths):
+        for r in payload["results"]:
+            if r["depth"] != depth or r.get("failed"):
+                continue
+            c = r["curves"]
+            line, = axes[0][col].plot(c["epoch"], [100 * a for a in c["test_acc"]], marker="o",
+                                      label=RUN_LABELS[r["kind"]])
+            if r["kind"] == "rd_joint" and c.get("teacher_acc"):
+                axes[0][col].plot(c["epoch"], [100 * a for a in c["teacher_acc"]], ls=":", color=line.get_color(),
+                                  label="its joint teacher")
+            axes[1][col].plot(c["epoch"], c["train_ce"], marker="o", label=RUN_LABELS[r["kind"]])
+        axes[0][col].set(title=f"depth {depth}: test accuracy", xlabel="epoch", ylabel="%")
+        axes[1][col].set(title=f"depth {depth}: train cross-entropy of the trained net", xlabel="epoch",
+                         ylabel="CE", yscale="log")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    b = payload["budget"]
+    fig.suptitle(f"{b['config']}: {b['epochs']} epochs, width {b['width']}, train subset "
+                 f"{b['train_subset'] or 'all'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_inference(payload, path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    results = payload["results"]
+    batches = sorted({m["batch_size"] for r in results for m in r["measurements"]})
+    fig, axes = plt.subplots(len(batches), len(results), figsize=(4.5 * len(results), 3.8 * len(batches)),
+                             squeeze=False)
+    for col, r in enumerate(results):
+        for row, batch in enumerate(batches):
+            ms = [m for m in r["measurements"] if m["batch_size"] == batch]
+            key = "median_ms" if batch == 1 else "images_per_s"
+            x = np.arange(len(ms))
+            ax = axes[row][col]
+            ax.bar(x - 0.2, [m["resnet"][key] for m in ms], 0.4, label=r["resnet"])
+            ax.bar(x + 0.2, [m["plain"][key] for m in ms], 0.4, label=r["plain"])
+            for i, m in enumerate(ms):
+                ax.annotate(f"{m['speedup']:.2f}x", (i, max(m["resnet"][key], m["plain"][key])),
+                            ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(x, [m["runtime"] for m in ms], rotation=45, ha="right", fontsize=7)
+            ax.set(title=f"{r['pair']} batch {batch}",
+                   ylabel="median latency (ms)" if batch == 1 else "images/s")
+            ax.legend(fontsize=7)
+    fig.suptitle("ResNet vs plain twin (labels: speedup = ResNet time / plain time)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_memory(payload, path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from rd_keras import bench_memory
+
+    rows = [r for r in bench_memory.rows(payload["results"]) if r[4] is not None]
+    pairs = list(dict.fromkeys(r[0] for r in rows))
+    measures = list(dict.fromkeys(r[1] for r in rows))
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4.5), squeeze=False)
+    for col, pair in enumerate(pairs):
+        ax = axes[0][col]
+        sel = {r[1]: r for r in rows if r[0] == pair}
+        names = [m for m in measures if m in sel]
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [sel[n][2] for n in names], 0.4, label="ResNet")
+        ax.bar(x + 0.2, [sel[n][3] for n in names], 0.4, label="plain")
+        for i, n in enumerate(names):
+            ax.annotate(f"{sel[n][4]:.2f}x", (i, max(sel[n][2], sel[n][3])), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
+        ax.set(title=pair, ylabel="MiB", yscale="log")
+        ax.legend(fontsize=7)
+    fig.suptitle("Feature-map memory, ResNet vs plain\n(labels: ratio ResNet / plain)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def run(args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    found = load(args.results_dir)
+    if not found:
+        raise common.FlagError(f"--results_dir={args.results_dir!r} holds none of {sorted(FILES.values())}; "
+                               "run the other sub-commands with --json there first.")
+    os.makedirs(args.img_dir, exist_ok=True)
+    img = os.path.relpath(args.img_dir, os.path.dirname(os.path.abspath(args.out)))
+    sections = ["# Measured results: Residual Distillation on our models",
+                "Generated by `python -m rd_keras.bench report` (`make results`) from "
+                f"`{args.results_dir}/*.json`; do not edit by hand. Every number below was measured by the "
+                "command shown with it; nothing is taken from the paper except the claims it is compared to."]
+    claims = claims_section(found)
+    if claims:
+        sections.append(claims)
+    if "accuracy" in found:
+        plot_accuracy(found["accuracy"], os.path.join(args.img_dir, "accuracy_curves.png"))
+        sections.append(accuracy_section(found["accuracy"], img))
+    if "inference" in found:
+        plot_inference(found["inference"], os.path.join(args.img_dir, "inference.png"))
+        sections.append(inference_section(found["inference"], img))
+    if "memory" in found:
+        plot_memory(found["memory"], os.path.join(args.img_dir, "memory.png"))
+        sections.append(memory_section(found["memory"], img))
+    if "train-step" in found:
+        sections.append(train_step_section(found["train-step"]))
+    notes = os.path.join(args.results_dir, "notes.md")
+    if os.path.isfile(notes):  # hand-written reading of the numbers, kept next to the JSON it discusses
+        with open(notes) as f:
+            sections.append(f.read().strip())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n\n".join(sections) + "\n")
+    print(f"wrote {args.out} and {len(os.listdir(args.img_dir))} file(s) in {args.img_dir}: "
+          f"{', '.join(sorted(found))}")
+    return {"out": args.out, "sections": sorted(found)}

@@ -1,0 +1,191 @@
+"""`bench train-step`: training throughput (images/s) of the RD step against ordinary supervised steps.
+
+Steps, all built by `rd_keras.distill.build_train_step` (the trainer's builder) on the same synthetic batch,
+in one process, timed interleaved round by round:
+
+- `resnet`: the supervised ResNet step (what training the teacher alone costs);
+- `plain`: the supervised plain-net step (the baseline RD is meant to beat in accuracy);
+- `rd_joint`: the RD step with the teacher trained alongside (plain forward + one backward through every
+  hybrid path + the teacher's own supervised update);
+- `rd_pretrained`: the RD step with a frozen teacher (no teacher update; gradients still flow through its
+  later stages into the plain net).
+
+Each runs with and without XLA (`jit_compile`) and under each `--precisions` Keras dtype policy;
+`mixed_float16` steps use a `LossScaleOptimizer`, as the trainer does. A combination that fails to build
+or run is reported as skipped with the error. `relative` = step time / the `resnet` step time of the same
+combination (> 1: costlier than training the ResNet alone).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+
+from rd_keras import bench_common as common
+
+KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+JIT = ("off", "on")
+# The trainer's defaults (configs/common.py): SGD with Nesterov momentum and L2 weight decay.
+LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+
+
+def add_arguments(parser):
+    parser.add_argument("--arch", default="resnet56", help="ResNet/plain pair (default: %(default)s)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
+    parser.add_argument("--image_size", type=int, default=None, help="override the native input size")
+    parser.add_argument("--batch_size", type=int, default=128, help="global batch (default: %(default)s)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="subset of %(default)s")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS), help="subset of %(default)s")
+    parser.add_argument("--jit", default=",".join(JIT), help="XLA off, on, or both (default: %(default)s)")
+    parser.add_argument("--kd_alpha", type=float, default=0.0,
+                        help="KD weight of the RD steps; > 0 adds a teacher forward (default: 0, the trainer's)")
+    parser.add_argument("--runs", type=int, default=20, help="most timed rounds (default: %(default)s)")
+    parser.add_argument("--min_runs", type=int, default=3, help="fewest timed rounds (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed rounds after the tracing step (default: %(default)s)")
+    parser.add_argument("--budget_s", type=float, default=30.0,
+                        help="seconds of timed rounds per combination once --min_runs are done "
+                             "(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="for tests: batch 16, float32 without XLA, 2 runs, no warm-up round")
+    parser.add_argument("--json", default=None, help="write the results to this JSON file")
+
+
+def _settings(args):
+    if args.quick:
+        args.batch_size, args.precisions, args.jit = 16, "float32", "off"
+        args.runs, args.min_runs, args.warmup, args.budget_s = 2, 2, 0, 0.0
+    settings = {
+        "batch_size": int(common.check_positive(args.batch_size, "--batch_size")),
+        "kinds": common.parse_choices(args.kinds, "--kinds", KINDS),
+        "precisions": common.parse_choices(args.precisions, "--precisions", PRECISIONS),
+        "jit": common.parse_choices(args.jit, "--jit", JIT),
+        "kd_alpha": float(common.check_positive(args.kd_alpha, "--kd_alpha", allow_zero=True)),
+        "runs": int(common.check_positive(args.runs, "--runs")),
+        "min_runs": int(common.check_positive(args.min_runs, "--min_runs")),
+        "warmup": int(common.check_positive(args.warmup, "--warmup", allow_zero=True)),
+        "budget_s": float(common.check_positive(args.budget_s, "--budget_s", allow_zero=True)),
+        "quick": bool(args.quick),
+        "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": True,
+                      "weight_decay": WEIGHT_DECAY},
+    }
+    if settings["min_runs"] > settings["runs"]:
+        raise common.FlagError(f"--min_runs ({args.min_runs!r}) must not exceed --runs ({args.runs!r}).")
+    return settings
+
+
+def _optimizer(precision):
+    import keras
+
+    opt = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM, nesterov=True)
+    return keras.optimizers.LossScaleOptimizer(opt) if precision == "mixed_float16" else opt
+
+
+def build_step(kind, pair, settings, precision, jit):
+    """A zero-argument callable running one `kind` training step; models built under `precision`."""
+    import tensorflow as tf
+
+    from rd_keras import distill, hybrid
+
+    batch = settings["batch_size"]
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal([batch, *pair.input_shape], np.float32)
+    labels = rng.integers(0, pair.num_classes, batch, dtype=np.int32)
+    iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
+    strategy = tf.distribute.get_strategy()
+    cfg = distill.LossConfig(global_batch_size=batch, weight_decay=WEIGHT_DECAY, kd_alpha=settings["kd_alpha"])
+    step = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    if kind in ("resnet", "plain"):
+        model = pair.build("all" if kind == "resnet" else "none")
+        trained = [model]
+        updates = [distill.Update("total", _optimizer(precision), model.trainable_variables)]
+
+        def loss_fn(x, y):
+            return distill.supervised_losses(model, x, y, cfg)
+    else:
+        joint = kind == "rd_joint"
+        plain, teacher = pair.build("none"), pair.build("all")
+        tails = hybrid.teacher_tails(teacher)
+        trained = [plain, teacher] if joint else [plain]
+        updates = [distill.Update("total", _optimizer(precision), plain.trainable_variables)]
+        if joint:
+            updates.append(distill.Update("teacher_total", _optimizer(precision), teacher.trainable_variables))
+        blend = tf.constant(1.0)  # m(t): its value does not change the work done
+
+        def loss_fn(x, y):
+            return distill.distill_losses(plain, teacher, tails, x, y, blend=blend, cfg=cfg, joint=joint)
+    for u in updates:
+        u.optimizer.build(u.variables)
+    state = [v for m in trained for v in m.non_trainable_variables]
+    train_step = distill.build_train_step(strategy, loss_fn, updates, step=step, state_variables=state,
+                                          jit_compile=jit)
+    return lambda: float(train_step(iterator)["total"])  # float(): wait for the step's result
+
+
+def bench_combination(pair, settings, precision, jit):
+    """Times every kind under one (precision, jit); a dict per kind, or the reason it was skipped."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    label = f"{precision} jit={'on' if jit else 'off'}"
+    try:
+        steps = {}
+        for kind in settings["kinds"]:
+            steps[kind] = build_step(kind, pair, settings, precision, jit)
+            steps[kind]()  # the first call traces (and with XLA compiles); not timed
+        times = common.interleaved(steps, warmup=settings["warmup"], min_runs=settings["min_runs"],
+                                   max_runs=settings["runs"], budget_s=settings["budget_s"], desc=label)
+    except Exception as e:  # an unsupported precision or XLA on this device: say so, keep the rest
+        return {"precision": precision, "jit_compile": jit, "skipped": f"{type(e).__name__}: {e}"[:500]}
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+        keras.backend.clear_session()
+        gc.collect()
+    out = {"precision": precision, "jit_compile": jit, "steps": {}}
+    for kind, seconds in times.items():
+        stats = common.summarize(seconds)
+        stats["images_per_s"] = settings["batch_size"] / (stats["median_ms"] / 1e3)
+        out["steps"][kind] = stats
+    if "resnet" in out["steps"]:
+        base = out["steps"]["resnet"]["median_ms"]
+        for stats in out["steps"].values():
+            stats["relative"] = stats["median_ms"] / base
+    return out
+
+
+def table(result) -> str:
+    rows = []
+    for combo in result["combinations"]:
+        jit = "on" if combo["jit_compile"] else "off"
+        if "skipped" in combo:
+            rows.append([combo["precision"], jit, "(skipped)", None, None, None, None, combo["skipped"][:60]])
+            continue
+        for kind, s in combo["steps"].items():
+            rows.append([combo["precision"], jit, kind, s["images_per_s"], s["median_ms"], s["p90_ms"],
+                         s.get("relative"), s["runs"]])
+    header = ["precision", "jit", "step", "img/s", "median ms", "p90 ms", "relative", "runs"]
+    return (f"{result['pair']} batch {result['batch_size']}; relative = step time / resnet step time\n"
+            + common.format_table(rows, header))
+
+
+def run(args):
+    import tensorflow as tf
+
+    settings = _settings(args)
+    pairs = common.parse_pairs(args.arch, args.width, args.image_size)
+    if len(pairs) != 1:
+        raise common.FlagError(f"--arch must name one architecture, got {args.arch!r}.")
+    pair = pairs[0]
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    combos = [(p, j == "on") for p in settings["precisions"] for j in settings["jit"]]
+    results = [bench_combination(pair, settings, p, j) for p, j in common.progress(combos, "combinations")]
+    result = {**pair.describe(), "batch_size": settings["batch_size"], "device": device, "combinations": results}
+    payload = {"command": "train-step", "machine": common.machine(), "settings": settings, "results": [result]}
+    print(table(result))
+    if args.json:
+        common.write_json(args.json, payload)
+    return payload

@@ -1,0 +1,194 @@
+"""`python -m rd_keras.bench`: every sub-command end to end on ResNet-8 at width 0.25, plus its pure parts.
+
+The sub-commands run in this process (one TensorFlow start-up for all); `accuracy` launches train.py.
+No test asserts a duration: only that times are positive and that ratios agree with the numbers they
+are made of.
+"""
+
+import json
+import os
+
+import pytest
+
+from rd_keras import bench, bench_accuracy, bench_common
+
+TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FMNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    """Where the end-to-end tests leave their JSON, for the report test to read."""
+    return tmp_path_factory.mktemp("results")
+
+
+def _run(args, capsys):
+    assert bench.main(args) == 0
+    return capsys.readouterr().out
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _approx(a, b):
+    return a == pytest.approx(b, rel=1e-9)
+
+
+def test_inference(results_dir, capsys):
+    path = results_dir / "inference.json"
+    out = _run(["inference", *TINY, f"--json={path}"], capsys)
+    assert "speedup" in out and "resnet8/plain8" in out
+    payload = _load(path)
+    assert payload["command"] == "inference" and payload["machine"]["cpu_cores"] >= 1
+    (result,) = payload["results"]
+    assert result["params"]["resnet"] > result["params"]["plain"] > 0
+    runtimes = {(m["runtime"], m["batch_size"]) for m in result["measurements"]}
+    expected = {"keras", "saved_model", "tflite_fp32_t1", "tflite_fp32_t2", "tflite_int8_t1", "tflite_int8_t2"}
+    assert runtimes == {(r, b) for r in expected for b in (1, 4)}
+    for m in result["measurements"]:
+        for side in ("resnet", "plain"):
+            stats = m[side]
+            assert stats["runs"] >= 2
+            assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
+            assert _approx(stats["images_per_s"], m["batch_size"] / stats["median_ms"] * 1e3)
+        assert _approx(m["speedup"], m["resnet"]["median_ms"] / m["plain"]["median_ms"])
+        assert m["paired_speedup"]["q25"] <= m["paired_speedup"]["median"] <= m["paired_speedup"]["q75"]
+
+
+def test_memory(results_dir, capsys):
+    path = results_dir / "memory.json"
+    out = _run(["memory", *TINY, f"--json={path}"], capsys)
+    assert "liveness fp32" in out
+    (result,) = _load(path)["results"]
+    for dtype in ("fp32", "int8"):
+        live = result["liveness"][dtype]
+        assert 0 < live["plain"] < live["resnet"]
+        assert _approx(live["ratio"], live["resnet"] / live["plain"])
+        assert _approx(live["shortcut_share"], 1 - live["plain"] / live["resnet"])
+        arena = result["tflite_arena"][dtype]
+        assert arena["resnet"] > 0 and arena["plain"] > 0
+    # int8 feature maps are a quarter of fp32 ones, value for value.
+    assert result["liveness"]["int8"]["resnet"] * 4 == result["liveness"]["fp32"]["resnet"]
+    assert result["liveness"]["plain_two_buffer_bound_fp32"] <= result["liveness"]["fp32"]["plain"]
+    (engine,) = result["rss"]
+    rss = result["rss"][engine]
+    assert engine == "tflite_fp32" and rss["batch_size"] == 8
+    assert rss["resnet"] >= 0 and rss["plain"] >= 0
+
+
+def test_train_step(results_dir, capsys):
+    path = results_dir / "train_step.json"
+    out = _run(["train-step", "--arch=resnet8", "--width=0.25", "--quick", f"--json={path}"], capsys)
+    assert "rd_joint" in out
+    (result,) = _load(path)["results"]
+    (combo,) = result["combinations"]
+    assert combo["precision"] == "float32" and combo["jit_compile"] is False and "skipped" not in combo
+    assert set(combo["steps"]) == {"resnet", "plain", "rd_joint", "rd_pretrained"}
+    base = combo["steps"]["resnet"]["median_ms"]
+    for stats in combo["steps"].values():
+        assert stats["median_ms"] > 0 and stats["images_per_s"] > 0
+        assert _approx(stats["relative"], stats["median_ms"] / base)
+
+
+def test_accuracy_plan_same_budget_for_every_run(tmp_path):
+    parser = bench.parser_for(["accuracy"])
+    args = parser.parse_args(["accuracy", "--epochs=6", "--width=0.5", "--train_subset=10000",
+                              "--depths=56,20", f"--out={tmp_path}"])
+    budget, runs = bench_accuracy.plan(args)
+    assert [r["name"] for r in runs] == [f"d{d}_{k}" for d in (56, 20) for k in bench_accuracy.RUNS]
+    # configs/fashion_mnist.py decays the hybrid loss over 20 of its 30 epochs: 2/3 of any shorter run.
+    assert budget["epochs"] == 6 and budget["blend_epochs"] == pytest.approx(4.0)
+    for run in runs:
+        flags = dict(a[2:].split("=", 1) for a in run["command"][2:])
+        assert flags["config.train.epochs"] == "6" and flags["config.model.width"] == "0.5"
+        assert flags["config.data.train_subset"] == "10000"
+        assert flags["config.model.arch"] == f"resnet{run['depth']}"
+        if run["kind"] == "rd_pretrained":
+            assert flags["config.teacher.path"] == os.path.join(str(tmp_path), f"d{run['depth']}_resnet")
+            assert run["needs"] == f"d{run['depth']}_resnet"
+
+
+@pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST IDX files not installed (make data)")
+def test_accuracy_smoke(results_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # train.py reads the config path relative to the working directory
+    path = results_dir / "accuracy.json"
+    out = _run(["accuracy", "--config=configs/fashion_mnist.py:smoke", "--depths=8", "--epochs=1",
+                "--train_subset=512", "--runs=resnet,rd_pretrained", "--override=data.eval_subset=256",
+                f"--out={tmp_path}/runs", f"--json={path}"], capsys)
+    assert "test acc %" in out
+    payload = _load(path)
+    assert payload["budget"]["epochs"] == 1 and payload["budget"]["train_subset"] == 512
+    runs = {r["kind"]: r for r in payload["results"]}
+    assert set(runs) == {"resnet", "rd_pretrained"}
+    for r in runs.values():
+        assert 0 <= r["test_acc"] <= 1 and r["wall_s"] > 0 and r["final_train_ce"] > 0
+        assert r["curves"]["epoch"] == [1] and len(r["curves"]["test_acc"]) == 1
+    # The pretrained teacher is the ResNet run's saved model: same accuracy on the same eval images.
+    assert runs["rd_pretrained"]["teacher_acc"] == pytest.approx(runs["resnet"]["test_acc"])
+    # A second invocation reuses the finished workdirs instead of training again.
+    out = _run(["accuracy", "--config=configs/fashion_mnist.py:smoke", "--depths=8", "--epochs=1",
+                "--train_subset=512", "--runs=resnet,rd_pretrained", "--override=data.eval_subset=256",
+                f"--out={tmp_path}/runs"], capsys)
+    assert "reused" in out
+
+
+def test_report(results_dir, tmp_path, capsys):
+    if not list(results_dir.glob("*.json")):
+        pytest.skip("no sub-command left its JSON")
+    out_md, img = tmp_path / "results.md", tmp_path / "img"
+    _run(["report", f"--results_dir={results_dir}", f"--out={out_md}", f"--img_dir={img}"], capsys)
+    text = out_md.read_text()
+    assert "## Inference speed" in text and "## Feature-map memory" in text
+    assert "Command: `python -m rd_keras.bench inference" in text
+    expected = {"inference.png", "memory.png"}
+    if (results_dir / "accuracy.json").exists():
+        expected.add("accuracy_curves.png")
+        assert "learning curves" in text
+    assert expected <= {p.name for p in img.iterdir()}
+
+
+def test_report_without_results_fails_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["report", f"--results_dir={tmp_path}"])
+    assert e.value.code == 2 and str(tmp_path) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, quoted", [
+    (["inference", "--archs=resnet7"], "resnet7"),
+    (["inference", "--batch_sizes=1,x"], "1,x"),
+    (["memory", "--rss_engines=gpu"], "gpu"),
+    (["train-step", "--precisions=float8"], "float8"),
+    (["accuracy", "--depths=21"], "21"),
+])
+def test_bad_flags_are_named(args, quoted, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(args)
+    assert e.value.code == 2 and quoted in capsys.readouterr().err
+
+
+def test_interleaved_alternates_order_and_respects_run_bounds():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench_common.interleaved(fns, warmup=1, min_runs=3, max_runs=3, budget_s=0.0)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then A B / B A / A B
+    assert len(times["a"]) == len(times["b"]) == 3
+    stats = bench_common.summarize([0.001, 0.002, 0.003])
+    assert stats["median_ms"] == pytest.approx(2.0) and stats["runs"] == 3
+    ratio = bench_common.paired_ratio([2.0, 4.0], [1.0, 1.0])
+    assert ratio["median"] == pytest.approx(3.0)
+    assert bench_common.compare(150, 100) == {"resnet": 150, "plain": 100, "ratio": 1.5,
+                                              "shortcut_share": pytest.approx(1 / 3)}
+
+
+def test_help_needs_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from rd_keras import bench\n"
+            "try:\n    bench.main(['report', '--help'])\nexcept SystemExit: pass\n"
+            "print('tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().endswith("False")
