@@ -115,6 +115,19 @@ def fold(model, name=None):
     Each folded conv keeps the conv's name (so `stage1_block1_conv1` is still `stage1_block1_conv1`);
     every other layer keeps its name, config and weights.
     """
+    return _rebuild(model, name, fold_layers=True)
+
+
+def float32_copy(model, name=None):
+    """`model` rebuilt layer for layer (BN and Dirac kept) with every layer computing in float32.
+
+    The reference that `fold` must match: a net trained under mixed precision computes in float16, and
+    differs from its float32 fold by half-precision rounding, not by a folding error.
+    """
+    return _rebuild(model, name, fold_layers=False)
+
+
+def _rebuild(model, name, fold_layers):
     if not isinstance(model, keras.Model) or not hasattr(model, "outputs") or model.outputs is None:
         raise ValueError(f"fold() needs a functional keras.Model. Received: {model!r}")
     nodes = _nodes_in_order(model)
@@ -129,7 +142,7 @@ def fold(model, name=None):
     fold_into = {}
     for node in nodes:
         parent = _producer(node.arguments.keras_tensors[0]) if node.arguments.keras_tensors else None
-        if _foldable_bn(node.operation, parent, consumers):
+        if fold_layers and _foldable_bn(node.operation, parent, consumers):
             fold_into[id(node)] = parent
     absorbed = {id(conv_node) for conv_node in fold_into.values()}
 
@@ -145,7 +158,7 @@ def fold(model, name=None):
             new_layer, weights = _new_conv(conv_node.operation,
                                            *folded_conv_weights(conv_node.operation, layer))
             source = conv_node.arguments
-        elif isinstance(layer, DiracConv2D):
+        elif fold_layers and isinstance(layer, DiracConv2D):
             new_layer, weights = _new_conv(layer, *folded_conv_weights(layer))
         else:
             new_layer, weights = type(layer).from_config(_float32_config(layer)), layer.get_weights()

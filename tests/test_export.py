@@ -139,6 +139,23 @@ def test_fold_keeps_the_dict_outputs_of_the_full_model():
         np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), atol=1e-4)
 
 
+def test_fold_of_a_mixed_precision_net_computes_in_float32():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = architectures.build("resnet8", shortcuts="none", width=0.25, dirac=True,
+                                    input_shape=(28, 28, 1))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    _randomise(model, np.random.default_rng(3))
+    classifier = architectures.classifier(model)
+    folded, reference = folding.fold(classifier), folding.float32_copy(classifier)
+    assert {layer.dtype_policy.name for layer in folded.layers + reference.layers} == {"float32"}
+    assert folding.has_unfolded_layers(reference)  # the reference keeps BN and Dirac
+    x = np.random.default_rng(4).normal(size=(4, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(folded(x).numpy(), reference(x).numpy(), atol=1e-4)
+    np.testing.assert_allclose(folded(x).numpy(), classifier(x, training=False).numpy(), atol=0.1)
+
+
 # ----------------------------------------------------------------------------- SavedModel
 
 
