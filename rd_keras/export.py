@@ -111,11 +111,17 @@ def _keras_logits(model, normalised, progress, desc):
                            for batch in _batches(normalised, progress, desc)])
 
 
-def _write_atomic(path, payload):
+def write_atomic(path, payload):
+    """Readers of `path` see the old file or the new one, never a partial write."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _dir_size(path):
@@ -137,7 +143,7 @@ def _export_saved_model(folded, export_dir, model_name, info, images, labels, re
             **_compare(probabilities, labels, reference)}
 
 
-def _run_qat(workdir, path, steps, io_type, learning_rate, progress):
+def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
     # QAT runs in its own interpreter: importing tensorflow_model_optimization switches tf.keras to
     # tf_keras process-wide, which must never happen to the Keras 3 process that called us.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,7 +157,7 @@ def _run_qat(workdir, path, steps, io_type, learning_rate, progress):
 
 
 def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalised, labels, reference, *,
-                   calibration_examples, int8_io, qat, progress):
+                   calibration_examples, int8_io, qat_steps, qat_learning_rate, progress):
     tflite_dir = os.path.join(export_dir, "tflite")
     os.makedirs(tflite_dir, exist_ok=True)
     calibration = None
@@ -159,15 +165,15 @@ def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalis
         raw, _ = data.raw_examples(config, "train", calibration_examples)
         calibration = data.normalize(raw, info.mean, info.std).numpy()
     results = {}
-    for quant in quantize + (("qat",) if qat else ()):
+    for quant in quantize + (("qat",) if qat_steps else ()):
         path = os.path.join(tflite_dir, f"plain_{quant}.tflite")
         if quant == "qat":
-            _run_qat(workdir, path, *qat, progress)
+            _run_qat(workdir, path, steps=qat_steps, io_type=int8_io, learning_rate=qat_learning_rate,
+                     progress=progress)
         else:
-            batches = (batch[None] for batch in tqdm.tqdm(
-                calibration, desc="int8 calibration", disable=not progress, leave=False,
-                unit="image")) if quant == "int8" else None
-            _write_atomic(path, tflite_export.convert(folded, info.image_shape, quant, batches, int8_io))
+            write_atomic(path, tflite_export.convert(
+                folded, info.image_shape, quant, calibration if quant == "int8" else None, int8_io,
+                progress))
         runner = tflite_export.TFLiteRunner(path)
         probabilities = np.concatenate([runner(batch)
                                         for batch in _batches(normalised, progress, f"tflite {quant}")])
@@ -214,10 +220,10 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         artefacts["saved_model"] = _export_saved_model(folded, export_dir, model_name, info, images,
                                                        labels, reference, progress)
     if "tflite" in formats:
-        qat = (qat_steps, int8_io, qat_learning_rate) if qat_steps else None
         artefacts.update(_export_tflite(
             folded, config, workdir, export_dir, quantize, info, normalised, labels, reference,
-            calibration_examples=calibration_examples, int8_io=int8_io, qat=qat, progress=progress))
+            calibration_examples=calibration_examples, int8_io=int8_io, qat_steps=qat_steps,
+            qat_learning_rate=qat_learning_rate, progress=progress))
     report = {
         "workdir": os.path.abspath(workdir),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -229,7 +235,7 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         "artefacts": artefacts,
     }
     os.makedirs(export_dir, exist_ok=True)
-    _write_atomic(os.path.join(export_dir, "report.json"), json.dumps(report, indent=2).encode())
+    write_atomic(os.path.join(export_dir, "report.json"), json.dumps(report, indent=2).encode())
     return report
 
 

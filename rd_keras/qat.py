@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from rd_keras import architectures, data, folding
-from rd_keras.export import load_workdir
+from rd_keras.export import load_workdir, write_atomic
 from rd_keras.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
 
 MOMENTUM = 0.9
@@ -136,10 +136,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = f"{output}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, output)
+    write_atomic(output, payload)
     print(f"QAT model ({len(payload)} bytes): {output}")
 
 

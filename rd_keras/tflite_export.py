@@ -22,6 +22,7 @@ import warnings
 import keras
 import numpy as np
 import tensorflow as tf
+import tqdm
 
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
 IO_TYPES = ("int8", "uint8")
@@ -38,10 +39,10 @@ def _float_saved_model(folded, image_shape, directory):
     archive.write_out(directory, verbose=False)
 
 
-def convert(folded, image_shape, quantize, calibration=None, io_type="int8"):
+def convert(folded, image_shape, quantize, calibration=None, io_type="int8", progress=False):
     """The `.tflite` bytes of `folded` (a float32 logits model) under one of `QUANTIZATIONS`.
 
-    `calibration`: an iterable of float32 normalised batches `[1, H, W, C]`, required for `int8`.
+    `calibration`: float32 normalised images `[n, H, W, C]`, required for `int8`, fed one at a time.
     `io_type`: the integer type of the `int8` model's input and output.
     """
     if quantize not in QUANTIZATIONS:
@@ -62,7 +63,10 @@ def convert(folded, image_shape, quantize, calibration=None, io_type="int8"):
         if quantize == "fp16":
             converter.target_spec.supported_types = [tf.float16]
         elif quantize == "int8":
-            converter.representative_dataset = lambda: ({INPUT_NAME: batch} for batch in calibration)
+            converter.representative_dataset = lambda: (
+                {INPUT_NAME: image[None]} for image in tqdm.tqdm(
+                    calibration, desc="int8 calibration", disable=not progress, leave=False,
+                    unit="image"))
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_type)
         with warnings.catch_warnings():

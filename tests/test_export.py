@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, data, export, folding, saved_model_export
+from rd_keras import (architectures, checkpointing, data, export, folding, saved_model_export,
+                      tflite_export)
 from rd_keras.dirac import DiracConv2D
 from rd_keras.tflite_export import TFLiteRunner
 
@@ -229,18 +230,22 @@ def test_new_export_is_next_version_and_never_touches_old_ones(workdir, report, 
 
 def test_saved_model_cli_shows_both_signatures_and_runs_serving_default(workdir, report, tmp_path):
     path = report["artefacts"]["saved_model"]["path"]
-    show = subprocess.run([SAVED_MODEL_CLI, "show", "--all", "--dir", path], capture_output=True, text=True,
-                          check=True).stdout
+    images, _ = test_images(workdir, 16)
+    np.save(tmp_path / "images.npy", images)
+    # Both CLI calls start TensorFlow (~10 s each): run them side by side.
+    show = subprocess.Popen([SAVED_MODEL_CLI, "show", "--all", "--dir", path], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    run = subprocess.Popen([SAVED_MODEL_CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
+                            "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
+                            "--outdir", str(tmp_path / "out")], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+    listing, (_, run_errors) = show.communicate(timeout=120)[0], run.communicate(timeout=120)
+    assert show.returncode == 0 and run.returncode == 0, run_errors[-2000:]
     for name, dtype in (("serving_default", "DT_UINT8"), ("predict_preprocessed", "DT_FLOAT")):
-        section = show.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
+        section = listing.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
         inputs = section.split("output(s)")[0]
         assert "inputs['images']" in inputs and inputs.count("inputs[") == 1 and dtype in inputs
         assert "outputs['probabilities']" in section and "outputs['classes']" in section
-    images, _ = test_images(workdir, 16)
-    np.save(tmp_path / "images.npy", images)
-    subprocess.run([SAVED_MODEL_CLI, "run", "--dir", path, "--tag_set", "serve", "--signature_def",
-                    "serving_default", "--inputs", f"images={tmp_path / 'images.npy'}",
-                    "--outdir", str(tmp_path / "out")], capture_output=True, check=True)
     classes = np.load(tmp_path / "out" / "classes.npy")
     np.testing.assert_array_equal(classes, keras_probabilities(workdir, images).argmax(-1))
 
@@ -270,6 +275,24 @@ def test_tflite_variants_follow_their_input_contracts(workdir, report):
             assert entry["top1_agreement"] == 1.0 and entry["max_abs_prob_diff"] < 1e-4
     sizes = {q: report["artefacts"][f"tflite_{q}"]["size_bytes"] for q in ("none", "fp16", "int8")}
     assert sizes["int8"] < sizes["fp16"] < sizes["none"]
+
+
+def test_uint8_io_shifts_the_zero_point_only(workdir):
+    config, model = export.load_workdir(workdir)
+    info = export.dataset_info(config)
+    folded = folding.fold(architectures.classifier(model))
+    images, _ = test_images(workdir, 64)
+    normalised = data.normalize(images, info.mean, info.std).numpy()
+    runners = {io: TFLiteRunner(tflite_export.convert(folded, info.image_shape, "int8", normalised, io))
+               for io in tflite_export.IO_TYPES}
+    contracts = {io: runner.input_contract()["input"] for io, runner in runners.items()}
+    assert contracts["uint8"]["dtype"] == "uint8"
+    assert contracts["uint8"]["zero_point"] == contracts["int8"]["zero_point"] + 128
+    assert contracts["uint8"]["scale"] == pytest.approx(contracts["int8"]["scale"])
+    top1 = {io: runner(normalised).argmax(-1) for io, runner in runners.items()}
+    assert np.mean(top1["uint8"] == top1["int8"]) >= 0.95
+    with pytest.raises(ValueError, match="io_type='int16'"):
+        tflite_export.convert(folded, info.image_shape, "int8", normalised, "int16")
 
 
 def test_int8_agrees_with_a_really_trained_model(tmp_path):
