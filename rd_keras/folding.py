@@ -28,28 +28,31 @@ def _producer(tensor):
     return history.operation._inbound_nodes[history.node_index]
 
 
-def _nodes_in_order(model):
+def nodes_in_order(model):
     """The model's call nodes, producers before consumers, found by walking back from its outputs.
 
     Walking from the outputs (rather than reading each layer's inbound nodes) ignores calls that belong to
-    other models sharing the same layers, e.g. the dict-output model behind `classifier(model)`.
+    other models sharing the same layers, e.g. the dict-output model behind `classifier(model)`. The walk
+    uses an explicit stack: a deep plain net (resnet1202's twin) would overflow Python's recursion limit.
     """
-    ordered, seen = [], set()
-
-    def visit(node):
-        if id(node) in seen:
-            return
-        seen.add(id(node))
-        for tensor in node.arguments.keras_tensors:
-            parent = _producer(tensor)
-            if parent is not None:
-                visit(parent)
-        ordered.append(node)
-
-    for tensor in model.outputs:
+    ordered, done, stack = [], set(), []
+    for tensor in reversed(model.outputs):
         node = _producer(tensor)
         if node is not None:
-            visit(node)
+            stack.append((node, False))
+    while stack:
+        node, parents_done = stack.pop()
+        if id(node) in done:
+            continue
+        if parents_done:
+            done.add(id(node))
+            ordered.append(node)
+            continue
+        stack.append((node, True))
+        for tensor in reversed(node.arguments.keras_tensors):
+            parent = _producer(tensor)
+            if parent is not None and id(parent) not in done:
+                stack.append((parent, False))
     return ordered
 
 
@@ -129,8 +132,8 @@ def float32_copy(model, name=None):
 
 def _rebuild(model, name, fold_layers):
     if not isinstance(model, keras.Model) or not hasattr(model, "outputs") or model.outputs is None:
-        raise ValueError(f"fold() needs a functional keras.Model. Received: {model!r}")
-    nodes = _nodes_in_order(model)
+        raise ValueError(f"Folding needs a functional keras.Model. Received: {model!r}")
+    nodes = nodes_in_order(model)
     consumers = {}
     for node in nodes:
         for tensor in node.arguments.keras_tensors:

@@ -46,7 +46,7 @@ _LAYER_ARGS = {
 def _graph(folded):
     """The folded Keras 3 graph as plain data: `(class, kwargs, input names, weights)` per layer."""
     layers = []
-    for node in folding._nodes_in_order(folded):
+    for node in folding.nodes_in_order(folded):
         layer = node.operation
         kind = type(layer).__name__
         if kind not in _LAYER_ARGS:
