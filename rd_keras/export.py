@@ -78,7 +78,8 @@ def _as_tuple(value, allowed, name):
     return tuple(dict.fromkeys(items))  # dedupe, keep order
 
 
-def _validate(model_name, qat_steps, eval_examples, calibration_examples, formats, int8_io):
+def _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibration_examples, formats,
+              int8_io):
     if not model_name or model_name.startswith(".") or os.sep in model_name or model_name.isdigit():
         raise ValueError(f"`model_name` must be a plain directory name, not hidden and not a number. "
                          f"Received: model_name={model_name!r}")
@@ -86,6 +87,9 @@ def _validate(model_name, qat_steps, eval_examples, calibration_examples, format
                              ("calibration_examples", calibration_examples, 1)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"`{name}` must be an integer >= {low}. Received: {name}={value!r}")
+    if not (isinstance(qat_learning_rate, (int, float)) and qat_learning_rate > 0):
+        raise ValueError(f"`qat_learning_rate` must be a positive number. "
+                         f"Received: qat_learning_rate={qat_learning_rate!r}")
     if qat_steps and "tflite" not in formats:
         raise ValueError(f"QAT produces a .tflite file: `qat_steps` needs the tflite format. "
                          f"Received: qat_steps={qat_steps}, formats={formats}")
@@ -192,7 +196,8 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
     """
     formats = _as_tuple(formats, FORMATS, "formats")
     quantize = _as_tuple(quantize, tflite_export.QUANTIZATIONS, "quantize")
-    _validate(model_name, qat_steps, eval_examples, calibration_examples, formats, int8_io)
+    _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibration_examples, formats,
+              int8_io)
     config, model = load_workdir(workdir)
     info = dataset_info(config)
     classifier = architectures.classifier(model)
@@ -255,14 +260,15 @@ def format_table(report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rd_keras.export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rd_keras.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="training workdir with config.json, plain.keras")
     parser.add_argument("--format", default="all", help="saved_model, tflite or all (default)")
     parser.add_argument("--quantize", default="none,fp16,dynamic,int8",
                         help="comma-separated TFLite variants: none, fp16, dynamic, int8 (default: all)")
     parser.add_argument("--qat_steps", type=int, default=0, help="quantisation-aware fine-tune steps "
                         "(0 = no QAT)")
-    parser.add_argument("--qat_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--qat_learning_rate", type=float, default=1e-3, help="SGD learning rate of QAT")
     parser.add_argument("--model_name", default="plain", help="TF Serving model name (directory)")
     parser.add_argument("--eval_examples", type=int, default=1000, help="evaluation images for the report")
     parser.add_argument("--calibration_examples", type=int, default=256, help="int8 calibration images")

@@ -323,10 +323,13 @@ def test_cli_prints_table_and_writes_report(workdir, capsys):
     (["--format=onnx"], "formats='onnx'"),
     (["--qat_steps=-1"], "qat_steps=-1"),
     (["--model_name=../x"], "model_name='../x'"),
+    (["--qat_steps=5", "--format=saved_model"], "qat_steps=5"),
+    (["--qat_learning_rate=0"], "qat_learning_rate=0.0"),
 ])
-def test_cli_rejects_bad_values_quoting_them(workdir, capsys, args, message):
+def test_cli_rejects_bad_values_quoting_them(tmp_path, capsys, args, message):
+    # Values are checked before the workdir is even read.
     with pytest.raises(SystemExit) as exit_info:
-        export.main([f"--workdir={workdir}", *args])
+        export.main([f"--workdir={tmp_path}", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
