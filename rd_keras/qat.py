@@ -44,7 +44,8 @@ _LAYER_ARGS = {
 
 
 def _graph(folded):
-    """The folded Keras 3 graph as plain data: `(class, kwargs, input names, weights)` per layer."""
+    """The folded Keras 3 graph as plain data: `(class name, layer name, kwargs, input layer names,
+    weights)` per layer, producers first."""
     layers = []
     for node in folding.nodes_in_order(folded):
         layer = node.operation
