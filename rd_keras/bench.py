@@ -55,6 +55,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = parser_for(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # recorded with the results, so every number comes with the command that made it
     if args.command is None:
         parser.print_help()
         return 2

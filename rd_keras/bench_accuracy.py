@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -161,6 +162,21 @@ def execute(runs, parallel):
     active = {}
     bar = common.progress(range(len(pending)), "training runs")
     failed = []
+    # SIGTERM becomes SystemExit, so the `finally` below stops the runs this process started.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        _schedule(pending, active, done, failed, parallel, bar)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for run, proc, log, _ in active.values():
+            proc.terminate()  # its workdir stays unfinished: remove it before rerunning (see _start)
+            proc.wait()
+            log.close()
+        bar.close()
+    return done, failed
+
+
+def _schedule(pending, active, done, failed, parallel, bar):
     while pending or active:
         for run in list(pending):
             ready = run["needs"] is None or run["needs"] in done
@@ -188,8 +204,6 @@ def execute(runs, parallel):
                 failed.append(name)
                 print(f"run {name} failed (exit {proc.returncode}); log: {run['workdir']}/train.log",
                       file=sys.stderr)
-    bar.close()
-    return done, failed
 
 
 # ----------------------------------------------------------------------------- reading the results
@@ -241,10 +255,11 @@ def table(results) -> str:
 
 
 def run(args):
+    load_at_start = common.load_average()
     budget, runs = plan(args)
     done, failed = execute(runs, args.parallel)
     results = [summarize_run(r, done) for r in runs]
-    payload = {"command": "accuracy", "machine": common.machine(), "budget": budget,
+    payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
                "settings": {"parallel": args.parallel, "out": args.out}, "results": results}
     print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
           f"(0 = all), batch {budget['batch_size']}, config {budget['config']}")

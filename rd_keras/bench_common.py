@@ -25,7 +25,7 @@ NATIVE = {"cifar": ((32, 32, 3), 10), "imagenet": ((224, 224, 3), 1000)}
 RESULTS_DIR = os.path.join("docs", "results")
 # int8 calibration images: random normal, like the normalised inputs. They set the quantisation scales,
 # which change neither the kernels run nor the memory planned, so a few suffice for speed and memory.
-CALIBRATION_BATCHES = 4
+CALIBRATION_IMAGES = 4
 
 
 class FlagError(ValueError):
@@ -137,8 +137,15 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def machine() -> dict:
-    """What the numbers were measured on: CPU, core count, accelerators, library versions, date."""
+def load_average():
+    """The 1-minute load average (runnable processes), or None where the OS has none."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine(argv, load_at_start=None) -> dict:
+    """What the numbers were measured on: CPU, core count, accelerators, library versions, date, the
+    command (`argv`: the bench arguments), and the load average at the start (`load_at_start`, from
+    `load_average()`) and now: above the core count, other processes were competing for the CPU."""
     import keras
     import tensorflow as tf
 
@@ -152,13 +159,14 @@ def machine() -> dict:
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "gpus": gpus,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_start": load_at_start,
+        "load_average_end": load_average(),
         "python": platform.python_version(),
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "ai_edge_litert": litert,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m rd_keras.bench", *sys.argv[1:]]),
+        "command": " ".join(["python -m rd_keras.bench", *argv]),
     }
 
 
@@ -226,9 +234,10 @@ def interleaved(fns: dict, *, warmup: int, min_runs: int, max_runs: int, budget_
                 desc: str = "") -> dict:
     """Times each callable in `fns` round by round, alternating the order (A B, B A, ...).
 
-    After `warmup` untimed rounds (only the first once they have taken a quarter of the budget), runs at least `min_runs` rounds and then more until `max_runs` rounds
-    or `budget_s` seconds of timed rounds, whichever comes first: large models get fewer runs. Returns
-    {name: [seconds per call]}, all lists of equal length (one entry per round).
+    After `warmup` untimed rounds (cut short once they took a quarter of the budget), runs at least
+    `min_runs` rounds and then more until `max_runs` rounds or `budget_s` seconds of timed rounds,
+    whichever comes first: large models get fewer runs. Returns {name: [seconds per call]}, all lists of
+    equal length (one entry per round).
     """
     names = list(fns)
     start = time.perf_counter()
@@ -278,6 +287,5 @@ def convert_tflite(folded, shape, quantize):
 
     calibration = None
     if quantize == "int8":
-        rng = np.random.default_rng(0)
-        calibration = [rng.standard_normal([1, *shape], np.float32) for _ in range(CALIBRATION_BATCHES)]
+        calibration = np.random.default_rng(0).standard_normal([CALIBRATION_IMAGES, *shape], np.float32)
     return tflite_export.convert(folded, tuple(shape), quantize, calibration=calibration)

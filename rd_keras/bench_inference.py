@@ -75,8 +75,7 @@ def _settings(args):
 def _keras_runner(folded, shape):
     import tensorflow as tf
 
-    fn = tf.function(lambda x: folded(x, training=False), input_signature=[tf.TensorSpec([None, *shape])],
-                     reduce_retracing=True)
+    fn = tf.function(lambda x: folded(x, training=False), input_signature=[tf.TensorSpec([None, *shape])])
 
     def make(batch):
         x = tf.constant(np.random.default_rng(0).standard_normal([batch, *shape], np.float32))
@@ -165,7 +164,8 @@ def bench_pair(pair, settings, workdir):
                 times = common.interleaved(
                     calls, warmup=settings["warmup"], min_runs=settings["min_runs"], max_runs=settings["runs"],
                     budget_s=settings["budget_s"], desc=f"{pair.name} {label} b{batch}")
-                entry = {"runtime": label, "engine": engine, "threads": threads, "batch_size": batch}
+                entry = {"runtime": label, "engine": engine, "threads": threads, "batch_size": batch,
+                         "load_average": common.load_average()}
                 for side in ("resnet", "plain"):
                     stats = common.summarize(times[side])
                     stats["images_per_s"] = batch / (stats["median_ms"] / 1e3)
@@ -199,6 +199,7 @@ def run(args):
     import keras
     import tensorflow as tf
 
+    load_at_start = common.load_average()
     settings = _settings(args)
     pairs = common.parse_pairs(args.archs, args.width, args.image_size)
     settings["tf_intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads() or "all cores"
@@ -207,7 +208,8 @@ def run(args):
         for pair in common.progress(pairs, "pairs"):
             results.append(bench_pair(pair, settings, workdir))
             keras.backend.clear_session()  # frees the pair's graphs before the next, larger one
-    payload = {"command": "inference", "machine": common.machine(), "settings": settings, "results": results}
+    payload = {"command": "inference", "machine": common.machine(args.argv, load_at_start), "settings": settings,
+               "results": results}
     print(table(results))
     if args.json:
         common.write_json(args.json, payload)

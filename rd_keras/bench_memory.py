@@ -185,6 +185,7 @@ def table(results) -> str:
 def run(args):
     import keras
 
+    load_at_start = common.load_average()
     settings = _settings(args)
     pairs = common.parse_pairs(args.archs, args.width, args.image_size)
     results = []
@@ -192,7 +193,8 @@ def run(args):
         for pair in common.progress(pairs, "pairs"):
             results.append(bench_pair(pair, settings, workdir))
             keras.backend.clear_session()
-    payload = {"command": "memory", "machine": common.machine(), "settings": settings, "results": results}
+    payload = {"command": "memory", "machine": common.machine(args.argv, load_at_start), "settings": settings,
+               "results": results}
     print(table(results))
     if args.json:
         common.write_json(args.json, payload)

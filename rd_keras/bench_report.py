@@ -54,8 +54,9 @@ def md_table(rows, header):
 def provenance(payload):
     m = payload["machine"]
     gpus = ", ".join(m["gpus"]) or "no GPU"
-    load = m.get("load_average")
-    load_text = f", load average at start {load[0]:.1f}" if load else ""
+    start, end = m.get("load_average_start"), m.get("load_average_end")
+    load_text = (f"; load average {start:.1f} at the start, {end:.1f} at the end"
+                 if start is not None and end is not None else "")
     return (f"*Measured {m['date']} on {m['cpu']} ({m['cpu_cores']} cores, {gpus}{load_text}); "
             f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, ai-edge-litert {m['ai_edge_litert']}.*\n"
             f"Command: `{m['command']}`")
@@ -210,8 +211,9 @@ def claims_section(found):
             if r["resnet"] != "resnet50":
                 continue
             for m in r["measurements"]:
+                paired = m["paired_speedup"]["median"]
                 rows.append(["~1.4x faster", f"ResNet-50 {m['runtime']} batch {m['batch_size']}",
-                             f"{PAPER['speedup']}x", f"{m['speedup']:.2f}x (paired {m['paired_speedup']['median']:.2f}x)"])
+                             f"{PAPER['speedup']}x", f"{m['speedup']:.2f}x (paired {paired:.2f}x)"])
     if "memory" in found:
         for r in found["memory"]["results"]:
             if r["resnet"] != "resnet50":

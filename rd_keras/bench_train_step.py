@@ -175,6 +175,7 @@ def table(result) -> str:
 def run(args):
     import tensorflow as tf
 
+    load_at_start = common.load_average()
     settings = _settings(args)
     pairs = common.parse_pairs(args.arch, args.width, args.image_size)
     if len(pairs) != 1:
@@ -184,7 +185,8 @@ def run(args):
     combos = [(p, j == "on") for p in settings["precisions"] for j in settings["jit"]]
     results = [bench_combination(pair, settings, p, j) for p, j in common.progress(combos, "combinations")]
     result = {**pair.describe(), "batch_size": settings["batch_size"], "device": device, "combinations": results}
-    payload = {"command": "train-step", "machine": common.machine(), "settings": settings, "results": [result]}
+    payload = {"command": "train-step", "machine": common.machine(args.argv, load_at_start), "settings": settings,
+               "results": [result]}
     print(table(result))
     if args.json:
         common.write_json(args.json, payload)
