@@ -32,7 +32,7 @@ def get_config(arg=None):
         common.smoke(config)
     elif arg == "demo":
         config.model.width = 0.5
-        config.data.train_subset = 25_600
+        config.data.train_subset = 32_000
         config.train.epochs = 4
         config.train.warmup_epochs = 0.2
         config.train.log_every_steps = 20

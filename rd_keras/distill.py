@@ -58,7 +58,8 @@ class Update:
 
 def cross_entropy(labels, logits):
     """Per-example softmax cross-entropy, float32."""
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int32), tf.cast(logits, tf.float32))
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(labels, tf.int32),
+                                                          tf.cast(logits, tf.float32))
 
 
 def kd_loss(teacher_logits, student_logits, temperature):
@@ -78,16 +79,19 @@ def l2_penalty(model, weight_decay):
 
 
 def _accuracy(labels, logits):
-    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), tf.cast(labels, tf.int32)), tf.float32)
+    predictions = tf.argmax(logits, -1, output_type=tf.int32)
+    return tf.cast(tf.equal(predictions, tf.cast(labels, tf.int32)), tf.float32)
 
 
 def supervised_losses(model, images, labels, cfg: LossConfig):
     """Terms of a plain supervised step, each already a per-replica share of the global mean."""
+    def mean(per_example):
+        return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
+
     logits = model(images, training=True)["logits"]
-    terms = {"ce": tf.nn.compute_average_loss(cross_entropy(labels, logits), global_batch_size=cfg.global_batch_size),
+    terms = {"ce": mean(cross_entropy(labels, logits)),
              "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(model, cfg.weight_decay)),
-             "train_acc": tf.nn.compute_average_loss(_accuracy(labels, logits),
-                                                     global_batch_size=cfg.global_batch_size)}
+             "train_acc": mean(_accuracy(labels, logits))}
     terms["total"] = terms["ce"] + terms["weight_decay"]
     return terms
 
@@ -181,8 +185,8 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
         finite = tf.constant(True)
         if nan_skip:
             # Loss-scaled grads may overflow legitimately; LossScaleOptimizer skips those updates itself.
-            checked = list(terms.values()) + [g for u, gs in zip(updates, grads) if not _loss_scaled(u.optimizer)
-                                               for g in gs]
+            checked = list(terms.values()) + [
+                g for u, gs in zip(updates, grads) if not _loss_scaled(u.optimizer) for g in gs]
             bad = ctx.all_reduce(SUM, 1.0 - tf.cast(_all_finite(checked), tf.float32))
             finite = tf.equal(bad, 0.0)
             if all(_loss_scaled(u.optimizer) for u in updates):
@@ -225,7 +229,8 @@ def build_eval_step(strategy, model, teacher=None, tails=()):
                 "correct": tf.reduce_sum(_accuracy(labels, out["logits"])),
                 "ce": tf.reduce_sum(cross_entropy(labels, out["logits"]))}
         if teacher is not None:
-            sums["teacher_correct"] = tf.reduce_sum(_accuracy(labels, teacher(images, training=False)["logits"]))
+            teacher_logits = teacher(images, training=False)["logits"]
+            sums["teacher_correct"] = tf.reduce_sum(_accuracy(labels, teacher_logits))
             for i, logits in enumerate(hybrid.hybrid_logits(tails, out), start=1):
                 sums[f"hybrid_correct_{i}"] = tf.reduce_sum(_accuracy(labels, logits))
         return sums
@@ -250,6 +255,6 @@ def evaluate(eval_step, distributed_dataset):
     result = {"acc": totals["correct"] / count, "loss": totals["ce"] / count}
     if "teacher_correct" in totals:
         result["teacher_acc"] = totals["teacher_correct"] / count
-        paths = sorted((k for k in totals if k.startswith("hybrid_correct_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-        result["hybrid_acc"] = [totals[k] / count for k in paths]
+        paths = sum(k.startswith("hybrid_correct_") for k in totals)
+        result["hybrid_acc"] = [totals[f"hybrid_correct_{i}"] / count for i in range(1, paths + 1)]
     return result

@@ -18,7 +18,8 @@ def teacher_tails(teacher) -> list:
     """[tail_1, ..., tail_{N-1}]: tail_i maps the `stage{i}` tensor to the teacher's logits."""
     stages = architectures.num_stages(teacher)
     if stages < 2:
-        raise ValueError(f"Hybrid paths need a teacher with at least 2 stages; {teacher.name!r} has {stages}.")
+        raise ValueError(f"Hybrid paths need a teacher with at least 2 stages; {teacher.name!r} has "
+                         f"{stages}.")
     logits = teacher.get_layer("logits").output
     return [keras.Model(teacher.get_layer(f"stage{i}").output, logits, name=f"{teacher.name}_tail{i}")
             for i in range(1, stages)]

@@ -1,8 +1,9 @@
 """The epoch loop of `train_lib.run`: steps, progress bar, logs, evaluation, checkpoints, final artefacts.
 
 Loss values stay on the device between log points; every `train.log_every_steps` steps (and before every
-checkpoint) they are fetched together, checked for NaN/Inf, averaged into TensorBoard and the progress
-bar. Because no checkpoint is written before that check, the newest checkpoint is always a finite one.
+checkpoint) they are fetched together, checked for NaN/Inf, and averaged into TensorBoard and the progress
+bar. No checkpoint is written before that check (nor with non-finite weights), so the newest checkpoint
+is always a good one.
 """
 
 import json
@@ -20,7 +21,7 @@ from rd_keras import checkpointing, distill
 
 
 class NonFiniteLossError(FloatingPointError):
-    """A loss became NaN or Inf under `train.nan_policy='stop'`."""
+    """A loss (or a weight) became NaN or Inf under `train.nan_policy='stop'`."""
 
 
 class _SigtermFlag:
@@ -29,7 +30,7 @@ class _SigtermFlag:
     def __enter__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -41,6 +42,10 @@ class _SigtermFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _mean(values):
+    return sum(values) / len(values)
+
+
 class TrainLoop:
     """Runs `setup` (see `train_lib.build_setup`) from the newest checkpoint in `workdir` to the end."""
 
@@ -49,12 +54,11 @@ class TrainLoop:
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.train.epochs * steps_per_epoch
         self.num_eval_examples = num_eval_examples
-        self._pending, self._interval, self._epoch_terms = [], {}, {}
+        self._pending = []  # (step, {term: device scalar}) not yet fetched
+        self._epoch_terms = {}  # term -> host values since the last evaluation
         self._skipped = 0
         self._last_saved = None
         self._bar = None
-
-    # ------------------------------------------------------------------ output
 
     def _print(self, message):
         if self.chief:
@@ -66,63 +70,65 @@ class TrainLoop:
             return tf.summary.create_noop_writer()
         return tf.summary.create_file_writer(os.path.join(self.workdir, checkpointing.TENSORBOARD_DIR, name))
 
-    # ------------------------------------------------------------------ losses
+    # ------------------------------------------------------------------ losses and checkpoints
 
     def _flush(self):
-        """Fetches the pending step outputs, applies the NaN policy, logs interval means."""
+        """Fetches the pending step outputs, applies the NaN policy, logs their means."""
         if not self._pending:
             return
-        fetched = [(s, {k: float(v) for k, v in out.items()}) for s, out in self._pending]
+        fetched = [(step, {k: float(v) for k, v in out.items()}) for step, out in self._pending]
         self._pending = []
         interval = {}
         for step, values in fetched:
-            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
             if values.pop("skipped", 0.0) > 0:
                 self._skipped += 1
-                self._print(f"step {step}: update skipped, non-finite {sorted(bad) or 'gradients'} "
+                self._print(f"step {step}: update skipped, non-finite {bad or 'gradients'} "
                             f"(train.nan_policy='skip'; {self._skipped} skipped so far)")
                 continue
             if bad:
-                latest = self._checkpointer.latest()
+                terms = ", ".join(f"{k}={values[k]}" for k in bad)
                 raise NonFiniteLossError(
-                    f"Non-finite loss at step {step}: {', '.join(f'{k}={v}' for k, v in sorted(bad.items()))}. "
-                    f"Stopped (train.nan_policy='stop'); the newest checkpoint, {latest or 'none yet'}, predates "
-                    "it. Lower train.lr or set train.nan_policy='skip'.")
+                    f"Non-finite loss at step {step}: {terms}. Stopped (train.nan_policy='stop'); the "
+                    f"newest checkpoint, {self._checkpointer.latest() or 'none yet'}, predates it. Lower "
+                    "train.lr or set train.nan_policy='skip'.")
             for k, v in values.items():
                 interval.setdefault(k, []).append(v)
                 self._epoch_terms.setdefault(k, []).append(v)
         if not interval:
             return
-        means = {k: sum(v) / len(v) for k, v in interval.items()}
+        means = {k: _mean(v) for k, v in interval.items()}
         with self._train_writer.as_default(step=fetched[-1][0] + 1):
             for k, v in means.items():
                 tf.summary.scalar(k, v)
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{means['total']:.4f}", acc=f"{means['train_acc']:.3f}", refresh=False)
+            self._bar.set_postfix(loss=f"{means['total']:.4f}", acc=f"{means['train_acc']:.3f}",
+                                  refresh=False)
 
     def _save(self, step):
         self._flush()
         if step == self._last_saved:
             return
-        # Finite losses can still come with an overflowing update; never let such weights replace a good
-        # checkpoint.
-        bad = [v.path for m in self.setup.trained.values() for v in m.weights if not np.isfinite(v.numpy()).all()]
+        # Finite losses may still come with an overflowing update: never checkpoint such weights.
+        bad = [v.path for model in self.setup.trained.values() for v in model.weights
+               if not np.isfinite(v.numpy()).all()]
         if bad:
             raise NonFiniteLossError(
-                f"Non-finite weights at step {step}: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}. "
-                f"Stopped before checkpointing them (train.nan_policy={self.config.train.nan_policy!r}); the "
-                f"newest checkpoint is {self._checkpointer.latest() or 'none yet'}. Lower train.lr.")
+                f"Non-finite weights at step {step}: {', '.join(bad[:3])}{' ...' * (len(bad) > 3)}. "
+                f"Stopped before checkpointing them (train.nan_policy={self.config.train.nan_policy!r}); "
+                f"the newest checkpoint is {self._checkpointer.latest() or 'none yet'}. Lower train.lr.")
         self._checkpointer.save(step)
         self._last_saved = step
 
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, eval_data, step):
+        """One metrics record: `acc` and `loss` of the delivered net (the plain one when distilling), under
+        its role (`plain_acc` / `resnet_acc`), plus `teacher_acc` and `hybrid_acc` when distilling."""
         result = distill.evaluate(self.setup.eval_step, eval_data)
-        record = {"step": step, "epoch": step // self.steps_per_epoch, "acc": result["acc"], "loss": result["loss"]}
-        for role in self.setup.trained:
-            if role == "plain" or len(self.setup.trained) == 1:
-                record[f"{role}_acc"] = result["acc"]
+        role = "plain" if "plain" in self.setup.trained else "resnet"
+        record = {"step": step, "epoch": step // self.steps_per_epoch, "acc": result["acc"],
+                  "loss": result["loss"], f"{role}_acc": result["acc"]}
         if "teacher_acc" in result:
             record.update(teacher_acc=result["teacher_acc"], hybrid_acc=result["hybrid_acc"])
         return record
@@ -135,32 +141,33 @@ class TrainLoop:
                         tf.summary.scalar(f"hybrid_acc_stage{i}", acc)
                 elif k not in ("step", "epoch"):
                     tf.summary.scalar(k, v)
-        train_means = {k: sum(v) / len(v) for k, v in self._epoch_terms.items()}
+        train_means = {k: _mean(v) for k, v in self._epoch_terms.items()}
         self._epoch_terms = {}
         if self.chief:
             with open(os.path.join(self.workdir, checkpointing.METRICS_FILE), "a") as f:
                 f.write(json.dumps({**record, **train_means}, sort_keys=True) + "\n")
-        accs = ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k.endswith("_acc") and k != "hybrid_acc")
-        hybrids = " ".join(f"{a:.4f}" for a in record.get("hybrid_acc", ()))
-        self._print(f"eval at step {record['step']} (epoch {record['epoch']}): {accs}"
-                    + (f", hybrid_acc=[{hybrids}]" if hybrids else "") + f", loss={record['loss']:.4f}")
+        accs = [f"{k}={v:.4f}" for k, v in record.items() if k.endswith("_acc") and k != "hybrid_acc"]
+        if "hybrid_acc" in record:
+            accs.append(f"hybrid_acc=[{', '.join(f'{a:.4f}' for a in record['hybrid_acc'])}]")
+        self._print(f"eval at step {record['step']} (epoch {record['epoch']}): {', '.join(accs)}, "
+                    f"loss={record['loss']:.4f}")
 
     # ------------------------------------------------------------------ main loop
 
     def run(self, train_data, eval_data):
         """Trains to the end; returns the final evaluation record, or None when `train.steps_per_run`
         stopped this invocation early (after a checkpoint). SIGTERM checkpoints, then exits with 143."""
-        t = self.config.train
         self._checkpointer = checkpointing.Checkpointer(self.workdir, self.setup.checkpoint_objects,
-                                                        chief=self.chief, max_to_keep=t.keep_checkpoints)
+                                                        chief=self.chief,
+                                                        max_to_keep=self.config.train.keep_checkpoints)
         self._train_writer, self._eval_writer = self._writer("train"), self._writer("eval")
         try:
             restored = self._checkpointer.restore_latest()
             step = int(self.setup.step.numpy())
             if restored:
                 self._last_saved = step
-                self._print(f"resumed from step {step} of {self.total_steps} (epoch {step // self.steps_per_epoch}"
-                            f" done): {restored}")
+                self._print(f"resumed from step {step} of {self.total_steps} "
+                            f"({step // self.steps_per_epoch} epochs done): {restored}")
             with _SigtermFlag() as sigterm:
                 return self._train(step, train_data, eval_data, sigterm)
         finally:
@@ -173,9 +180,9 @@ class TrainLoop:
         run_end = min(step + t.steps_per_run, self.total_steps) if t.steps_per_run else self.total_steps
         record = None
         while step < run_end:
-            epoch = step // spe
+            # A resumed run starts a fresh pass over the data and takes the rest of the epoch from it.
             iterator = iter(train_data)
-            self._bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f"epoch {epoch + 1}/{t.epochs}",
+            self._bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f"epoch {step // spe + 1}/{t.epochs}",
                                   unit="step", disable=not (self.chief and t.progress), file=sys.stderr)
             with self._bar:
                 while step < run_end and not sigterm.requested:
@@ -201,8 +208,8 @@ class TrainLoop:
                 raise SystemExit(128 + signal.SIGTERM)
         if step < self.total_steps:
             self._save(step)
-            self._print(f"stopped at step {step} of {self.total_steps} (train.steps_per_run={t.steps_per_run}); "
-                        "checkpoint saved, rerun the same command to continue.")
+            self._print(f"stopped at step {step} of {self.total_steps} (train.steps_per_run="
+                        f"{t.steps_per_run}); checkpoint saved, rerun the same command to continue.")
             return None
         if record is None:  # resumed a finished run: evaluate again for the summary
             record = self._evaluate(eval_data, step)
@@ -214,23 +221,23 @@ class TrainLoop:
         if not self.chief:
             return
         for role, model in self.setup.trained.items():
-            path = os.path.join(self.workdir, checkpointing.PLAIN_FILE if role == "plain" else checkpointing.RESNET_FILE)
+            path = os.path.join(self.workdir,
+                                checkpointing.PLAIN_FILE if role == "plain" else checkpointing.RESNET_FILE)
             model.save(path)
             self._print(f"saved {path} ({model.name}, {model.count_params():,} params)")
 
     def _print_summary(self, record):
-        distilling = "hybrid_acc" in record
-        rows = [(f"{'teacher' if distilling and role == 'resnet' else role} ({model.name})",
-                 record.get(f"{role}_acc", record.get("teacher_acc"))) for role, model in self.setup.trained.items()]
-        if distilling:
-            if "resnet" not in self.setup.trained:
-                rows.append(("teacher (pretrained, frozen)", record["teacher_acc"]))
+        distilled = "hybrid_acc" in record
+        rows = [(f"plain ({self.setup.trained['plain'].name})", record["plain_acc"])] if distilled else [
+            (f"{role} ({model.name})", record["acc"]) for role, model in self.setup.trained.items()]
+        if distilled:
+            frozen = "" if "resnet" in self.setup.trained else ", pretrained, frozen"
+            rows.append((f"teacher ({self.setup.teacher.name}{frozen})", record["teacher_acc"]))
             rows += [(f"hybrid {i} (plain up to stage{i}, then teacher)", acc)
-                     for i, acc in enumerate(record["hybrid_acc"], 1)]
+                     for i, acc in enumerate(record["hybrid_acc"], start=1)]
         width = max(len(name) for name, _ in rows)
         lines = [f"Final evaluation at step {record['step']} on {self.num_eval_examples} examples:",
-                 f"  {'model':<{width}}  accuracy"]
-        lines += [f"  {name:<{width}}  {acc:.4f}" for name, acc in rows]
-        lines.append(f"  {'eval loss (CE)':<{width}}  {record['loss']:.4f}")
+                 f"  {'model':<{width}}  accuracy", *(f"  {name:<{width}}  {acc:.4f}" for name, acc in rows),
+                 f"  {'eval loss (CE)':<{width}}  {record['loss']:.4f}"]
         self._print("\n".join(lines))
         self._print(json.dumps({"final": record}, sort_keys=True))

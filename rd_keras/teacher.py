@@ -53,7 +53,8 @@ def resolve(path: str) -> TeacherSource:
                                f"checkpoints in {CHECKPOINT_DIR}/.")
         return TeacherSource("checkpoint", prefix, os.path.join(path, CONFIG_FILE))
     if os.path.isfile(path + ".index"):
-        return TeacherSource("checkpoint", path, os.path.join(os.path.dirname(os.path.dirname(path)), CONFIG_FILE))
+        workdir = os.path.dirname(os.path.dirname(path))  # W/checkpoints/ckpt-N -> W
+        return TeacherSource("checkpoint", path, os.path.join(workdir, CONFIG_FILE))
     raise TeacherError(f"config.teacher.path={path!r}: not a .keras file, a workdir, or a checkpoint prefix.")
 
 
@@ -94,10 +95,13 @@ def _load_checkpoint(source, expected, model_config, num_classes):
             "stem": model_config.stem, "num_classes": num_classes,
             "image_shape": tuple(expected.input.shape[1:])}
     if theirs != ours:
-        diff = ", ".join(f"{k}: {theirs[k]} vs {ours[k]}" for k in ours if theirs[k] != ours[k])
-        raise TeacherError(f"The pretrained teacher does not match the config (teacher run vs config: "
-                           f"{diff}).\n  teacher {source.path} is {run['model']['arch']}\n  config.model "
-                           f"wants {describe(expected)}")
+        shown = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        if "arch" in shown:  # names read better than specs
+            shown["arch"] = (run["model"]["arch"], model_config.arch)
+        diff = ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in shown.items())
+        raise TeacherError(f"The pretrained teacher does not match the config (teacher run vs config: {diff})."
+                           f"\n  teacher {source.path}: a {run['model']['arch']} run\n  config.model wants "
+                           f"{describe(expected)}")
     if not any(name.startswith("resnet/") for name, _ in tf.train.list_variables(source.path)):
         raise TeacherError(f"{source.path}: holds no ResNet; its run (train.mode={run['train']['mode']!r}) "
                            "trained only a plain net. Point config.teacher.path at a supervised "
@@ -107,7 +111,8 @@ def _load_checkpoint(source, expected, model_config, num_classes):
     try:
         status.assert_existing_objects_matched()
     except AssertionError as e:
-        raise TeacherError(f"{source.path}: its ResNet does not fit the configured one ({str(e)[:300]}).") from None
+        raise TeacherError(f"{source.path}: its ResNet does not fit the configured one "
+                           f"({str(e)[:300]}).") from None
 
 
 def load(source: TeacherSource, *, model_config, num_classes: int, input_shape) -> keras.Model:

@@ -67,7 +67,13 @@ def validate(config):
     _number(t.lr, "train.lr", 0, low_open=True)
     _number(t.momentum, "train.momentum", 0, 1)
     _number(t.weight_decay, "train.weight_decay", 0)
-    _number(t.warmup_epochs, "train.warmup_epochs", 0, t.epochs)
+    _number(t.warmup_epochs, "train.warmup_epochs", 0)
+    _check(t.warmup_epochs < t.epochs, f"config.train.warmup_epochs={t.warmup_epochs!r} must be less than "
+           f"train.epochs={t.epochs!r}.")
+    _number(t.seed, "train.seed", 0, integer=True)
+    for key, value in (("model.dirac", m.dirac), ("train.nesterov", t.nesterov), ("train.progress", t.progress),
+                       ("train.deterministic", t.deterministic), ("train.jit_compile", t.jit_compile)):
+        _check(isinstance(value, bool), f"config.{key} must be True or False, got {value!r}.")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _number(t[key], f"train.{key}", 1, integer=True)
     _number(t.steps_per_run, "train.steps_per_run", 0, integer=True)
@@ -122,11 +128,15 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
     t, m = config.train, config.model
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-    total = t.epochs * steps_per_epoch
+    warmup_steps = int(t.warmup_epochs * steps_per_epoch)
 
-    def lr_fn(s=step):
-        return schedules.warmup_cosine_lr(s, base_lr=t.lr, warmup_steps=int(t.warmup_epochs * steps_per_epoch),
-                                          total_steps=total)
+    def lr_fn(s=step):  # keras calls it without arguments: the current global step
+        return schedules.warmup_cosine_lr(s, base_lr=t.lr, warmup_steps=warmup_steps,
+                                          total_steps=t.epochs * steps_per_epoch)
+
+    def blend(s):
+        return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch, floor=config.distill.blend_floor,
+                                      blend_epochs=config.distill.blend_epochs)
 
     def net(shortcuts):
         return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
@@ -137,11 +147,13 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
                                   temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha)
     extras = {"lr": lr_fn}
     if t.mode == "supervised":
-        role = "resnet" if m.supervised_shortcuts == "all" else "plain"
-        model = net(m.supervised_shortcuts)
-        trained, resnet = {role: model}, None
-        updates = [distill.Update("total", _optimizer(config, lr_fn), model.trainable_variables)]
-        loss_fn = lambda x, y: distill.supervised_losses(model, x, y, loss_cfg)  # noqa: E731
+        model, resnet = net(m.supervised_shortcuts), None
+        trained = {"resnet" if m.supervised_shortcuts == "all" else "plain": model}
+        objectives = ["total"]
+
+        def loss_fn(images, labels):
+            return distill.supervised_losses(model, images, labels, loss_cfg)
+
         eval_step = distill.build_eval_step(strategy, model)
     else:
         joint = config.teacher.mode == "joint"
@@ -149,28 +161,26 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
         resnet = net("all") if joint else teacher.load(
             teacher_source, model_config=m, num_classes=info.num_classes, input_shape=info.image_shape)
         tails = hybrid.teacher_tails(resnet)
-        trained = {"plain": plain, **({"resnet": resnet} if joint else {})}
-        updates = [distill.Update("total", _optimizer(config, lr_fn), plain.trainable_variables)]
-        if joint:
-            updates.append(distill.Update("teacher_total", _optimizer(config, lr_fn), resnet.trainable_variables))
-
-        def blend(s):
-            return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch,
-                                          blend_epochs=config.distill.blend_epochs, floor=config.distill.blend_floor)
-
+        trained = {"plain": plain, "resnet": resnet} if joint else {"plain": plain}
+        objectives = ["total", "teacher_total"] if joint else ["total"]
         extras["blend"] = blend
-        loss_fn = lambda x, y: distill.distill_losses(  # noqa: E731
-            plain, resnet, tails, x, y, blend=blend(step), cfg=loss_cfg, joint=joint)
+
+        def loss_fn(images, labels):
+            return distill.distill_losses(plain, resnet, tails, images, labels, blend=blend(step),
+                                          cfg=loss_cfg, joint=joint)
+
         eval_step = distill.build_eval_step(strategy, plain, resnet, tails)
+    # One optimizer per trained net: each applies only its own net's gradients.
+    updates = [distill.Update(objective, _optimizer(config, lr_fn), model.trainable_variables)
+               for objective, model in zip(objectives, trained.values())]
     for u in updates:
         u.optimizer.build(u.variables)
-    state = [v for model in trained.values() for v in model.non_trainable_variables]
     train_step = distill.build_train_step(
-        strategy, loss_fn, updates, step=step, state_variables=state, nan_skip=t.nan_policy == "skip",
-        jit_compile=t.jit_compile, extras_fn=lambda s: {k: f(s) for k, f in extras.items()})
-    roles = list(trained)
+        strategy, loss_fn, updates, step=step, nan_skip=t.nan_policy == "skip", jit_compile=t.jit_compile,
+        state_variables=[v for model in trained.values() for v in model.non_trainable_variables],
+        extras_fn=lambda s: {k: f(s) for k, f in extras.items()})
     objects = {"step": step, "epoch": epoch, **trained,
-               **{f"{role}_optimizer": u.optimizer for role, u in zip(roles, updates)}}
+               **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}
     return Setup(trained, resnet, train_step, eval_step, objects, step, epoch)
 
 

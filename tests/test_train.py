@@ -23,8 +23,9 @@ FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TFDS_DATA_DIR": "/nonexistent",
        "NO_GCE_CHECK": "true", "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
        "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
-REQUIRED_METRICS = {"step", "epoch", "plain_acc", "teacher_acc", "hybrid_acc", "loss", "plain_ce", "hybrid_ce_1",
-                    "hybrid_ce_2", "kd_1", "kd_2", "teacher_ce", "weight_decay", "total", "blend", "lr"}
+REQUIRED_METRICS = {"step", "epoch", "plain_acc", "teacher_acc", "hybrid_acc", "loss", "plain_ce",
+                    "hybrid_ce_1", "hybrid_ce_2", "kd_1", "kd_2", "teacher_ce", "weight_decay", "total", "blend",
+                    "lr"}
 
 
 def load_config(name, arg=None):
@@ -75,7 +76,8 @@ def test_smoke_run_writes_the_workdir(smoke):
         os.path.join(workdir, "tensorboard", "train"))
     assert {"plain_acc", "teacher_acc", "hybrid_acc_stage1", "hybrid_acc_stage2", "loss"} <= tags(
         os.path.join(workdir, "tensorboard", "eval"))
-    final = json.loads(next(line for line in second.stdout.splitlines() if line.startswith('{"final"')))["final"]
+    final_line = next(line for line in second.stdout.splitlines() if line.startswith('{"final"'))
+    final = json.loads(final_line)["final"]
     assert final["step"] == 24 and len(final["hybrid_acc"]) == 2
 
 
@@ -95,9 +97,14 @@ def test_second_invocation_resumes(smoke):
 def test_plain_keras_is_the_plain_net_alone(smoke):
     workdir, _, _ = smoke
     model = keras.saving.load_model(os.path.join(workdir, "plain.keras"), compile=False)
-    reference = architectures.build("resnet8", shortcuts="none", num_classes=10, input_shape=(28, 28, 1), width=0.25)
+    reference = architectures.build("resnet8", shortcuts="none", num_classes=10, input_shape=(28, 28, 1),
+                                    width=0.25)
     assert model.name == reference.name == "plain8"
-    assert [(w.path, tuple(w.shape)) for w in model.weights] == [(w.path, tuple(w.shape)) for w in reference.weights]
+
+    def signature(m):
+        return [(w.path, tuple(w.shape)) for w in m.weights]
+
+    assert signature(model) == signature(reference)
     assert not [w.path for w in model.weights if "_proj_" in w.path]
     resnet = keras.saving.load_model(os.path.join(workdir, "resnet.keras"), compile=False)
     assert len(resnet.weights) > len(model.weights)
@@ -162,9 +169,28 @@ def test_missing_teacher_path_is_named(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_teacher_from_keras_file_and_checkpoint_agree(tmp_path):
+    source = str(tmp_path / "resnet_run")
+    config = synthetic_config(**{"train.mode": "supervised"})
+    train_lib.run(config, source)
+    kw = dict(model_config=config.model, num_classes=10, input_shape=(16, 16, 3))
+    from_file = teacher.load(teacher.resolve(source), **kw)
+    prefix = os.path.join(source, checkpointing.CHECKPOINT_DIR, "ckpt-8")  # the last one: same weights
+    from_checkpoint = teacher.load(teacher.resolve(prefix), **kw)
+    for a, b in zip(from_file.weights, from_checkpoint.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    os.remove(os.path.join(source, checkpointing.RESNET_FILE))  # now it looks like an unfinished run
+    assert teacher.resolve(source) == teacher.TeacherSource(
+        "checkpoint", prefix, os.path.join(source, checkpointing.CONFIG_FILE))
+    config.model.width = 0.5
+    with pytest.raises(teacher.TeacherError, match=r"width: 0.25 vs 0.5"):
+        teacher.load(teacher.resolve(prefix), **kw)
+
+
 def test_nan_stop_names_step_and_term_and_keeps_finite_checkpoints(tmp_path):
     workdir = str(tmp_path / "w")
-    config = synthetic_config(**{"train.lr": 1e30, "train.checkpoint_every_steps": 1, "train.log_every_steps": 1})
+    config = synthetic_config(**{"train.lr": 1e30, "train.checkpoint_every_steps": 1,
+                                 "train.log_every_steps": 1})
     with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite (loss|weights) at step \d+") as err:
         train_lib.run(config, workdir)
     assert "nan_policy" in str(err.value)
