@@ -47,7 +47,7 @@ def _flatten(tree, prefix=""):
 
 
 def _json_tree(config):
-    # The JSON round trip gives tuples and lists, or ints and floats of the same value, one spelling.
+    # Through JSON, as config.json went: tuples become lists, so equal configs compare equal.
     tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     return json.loads(json.dumps(tree))
 
@@ -56,8 +56,10 @@ def config_diff(old: dict, new) -> dict:
     """{key: (old, new)} for every dotted key whose value differs, ignoring the derived sections."""
     old = {k: v for k, v in old.items() if k not in DERIVED_SECTIONS}
     flat_old, flat_new = _flatten(old), _flatten(_json_tree(new))
-    return {k: (flat_old.get(k, "<absent>"), flat_new.get(k, "<absent>"))
-            for k in sorted(set(flat_old) | set(flat_new)) if flat_old.get(k, object()) != flat_new.get(k)}
+    absent = "<absent>"
+    keys = sorted(set(flat_old) | set(flat_new))
+    pairs = {k: (flat_old.get(k, absent), flat_new.get(k, absent)) for k in keys}
+    return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
 
 
 def check_workdir(workdir: str, config) -> bool:

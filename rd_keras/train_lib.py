@@ -196,10 +196,11 @@ def run(config, workdir):
     `train.steps_per_run` or SIGTERM, after saving a checkpoint)."""
     validate(config)
     resuming = checkpointing.check_workdir(workdir, config)
+    # MultiWorkerMirroredStrategy must exist before any other TensorFlow call.
+    strategy = make_strategy(config.train.strategy)
     teacher_source = None
     if config.train.mode == "distill" and config.teacher.mode == "pretrained":
         teacher_source = teacher.resolve(config.teacher.path)
-    strategy = make_strategy(config.train.strategy)
     replicas = strategy.num_replicas_in_sync
     _check(config.data.batch_size % replicas == 0,
            f"config.data.batch_size={config.data.batch_size} must be divisible by the {replicas} replicas.")
