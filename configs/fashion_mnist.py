@@ -1,7 +1,7 @@
 """Residual Distillation on Fashion-MNIST (IDX files of Debian's dataset-fashion-mnist package).
 
     python train.py --config=configs/fashion_mnist.py --workdir=workdirs/fmnist
-    python train.py --config=configs/fashion_mnist.py:demo --workdir=workdirs/demo    # ~10 min, 2 CPU cores
+    python train.py --config=configs/fashion_mnist.py:demo --workdir=workdirs/demo    # ~9 min, 2 CPU cores
     python train.py --config=configs/fashion_mnist.py:smoke --workdir=/tmp/smoke     # < 1 min
 """
 
