@@ -55,6 +55,15 @@ def get_config():
         "steps_per_run": 0,  # >0: stop (with a checkpoint) after this many steps; rerun to continue
         "progress": True,  # tqdm bar per epoch
     })
+
+    config.export = ml_collections.ConfigDict({
+        "enabled": False,  # at the end of training, export plain.keras (python -m rd_keras.export does the same)
+        "formats": "saved_model,tflite",
+        "quantize": "none,int8",  # TFLite variants: none, fp16, dynamic, int8 (or "all")
+        "qat_steps": 0,  # > 0: also a quantisation-aware fine-tune, giving plain_qat.tflite
+        "model_name": "plain",  # TF Serving model name
+        "eval_examples": 1000,  # test images for the accuracy report of every artefact
+    })
     return config
 
 

@@ -32,13 +32,14 @@ def get_config(arg=None):
         common.smoke(config)
     elif arg == "demo":
         config.model.width = 0.5
-        config.data.train_subset = 32_000
+        config.data.train_subset = 25_600
         config.train.epochs = 4
         config.train.warmup_epochs = 0.2
         config.train.log_every_steps = 20
         config.train.checkpoint_every_steps = 200
         config.distill.blend_epochs = 3.0
         config.distill.blend_floor = 0.1
+        config.export.enabled = True  # SavedModel + fp32/int8 .tflite, with the accuracy table
     elif arg is not None:
         raise ValueError(f"Unknown config variant {arg!r}: expected 'smoke', 'demo' or none.")
     return config

@@ -29,6 +29,9 @@ DERIVED_SECTIONS = ("dataset", "run")
 RESUME_MUTABLE_KEYS = frozenset({
     "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.steps_per_run",
     "train.progress", "train.strategy", "train.jit_compile", "data.data_dir", "data.manual_dir", "data.cache",
+    # What happens after training does not change the training itself.
+    "export.enabled", "export.formats", "export.quantize", "export.qat_steps", "export.model_name",
+    "export.eval_examples",
 })
 
 

@@ -97,6 +97,17 @@ def _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibrati
         raise ValueError(f"`int8_io` must be one of {tflite_export.IO_TYPES}. Received: int8_io={int8_io!r}")
 
 
+def parse_options(formats, quantize, *, model_name="plain", qat_steps=0, qat_learning_rate=1e-3,
+                  eval_examples=1000, calibration_examples=256, int8_io="int8"):
+    """Checks export options before any work (also for training's end-of-run export); returns the
+    `formats` and `quantize` selections as tuples."""
+    formats = _as_tuple(formats, FORMATS, "formats")
+    quantize = _as_tuple(quantize, tflite_export.QUANTIZATIONS, "quantize")
+    _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibration_examples, formats,
+              int8_io)
+    return formats, quantize
+
+
 def _batches(array, progress, desc):
     starts = range(0, len(array), EVAL_BATCH)
     for start in tqdm.tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
@@ -194,10 +205,9 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
 
     `formats` and `quantize` take sequences or comma-separated strings ("all" selects everything).
     """
-    formats = _as_tuple(formats, FORMATS, "formats")
-    quantize = _as_tuple(quantize, tflite_export.QUANTIZATIONS, "quantize")
-    _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibration_examples, formats,
-              int8_io)
+    formats, quantize = parse_options(formats, quantize, model_name=model_name, qat_steps=qat_steps,
+                                      qat_learning_rate=qat_learning_rate, eval_examples=eval_examples,
+                                      calibration_examples=calibration_examples, int8_io=int8_io)
     config, model = load_workdir(workdir)
     info = dataset_info(config)
     classifier = architectures.classifier(model)

@@ -17,7 +17,7 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, data, distill, hybrid, schedules, teacher
+from rd_keras import architectures, checkpointing, data, distill, export, hybrid, schedules, teacher
 from rd_keras.loop import TrainLoop
 
 TRAIN_MODES = ("distill", "supervised")
@@ -77,6 +77,15 @@ def validate(config):
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _number(t[key], f"train.{key}", 1, integer=True)
     _number(t.steps_per_run, "train.steps_per_run", 0, integer=True)
+    _check(isinstance(config.export.enabled, bool),
+           f"config.export.enabled must be True or False, got {config.export.enabled!r}.")
+    if config.export.enabled:
+        e = config.export
+        try:
+            export.parse_options(e.formats, e.quantize, model_name=e.model_name, qat_steps=e.qat_steps,
+                                 eval_examples=e.eval_examples)
+        except ValueError as err:
+            raise ConfigError(f"config.export: {err}") from None
     if t.mode == "distill":
         _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
         _number(d.temperature, "distill.temperature", 0, low_open=True)
@@ -224,6 +233,18 @@ def run(config, workdir):
                      "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming})
         loop = TrainLoop(config, workdir, setup, chief=chief, steps_per_epoch=steps_per_epoch,
                          num_eval_examples=info.eval_examples)
-        return loop.run(_distribute(strategy, train_ds), _distribute(strategy, eval_ds))
+        record = loop.run(_distribute(strategy, train_ds), _distribute(strategy, eval_ds))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
+    if record is not None and chief and config.export.enabled and "plain" in setup.trained:
+        _export(config, workdir)
+    return record
+
+
+def _export(config, workdir):
+    """The same export as `python -m rd_keras.export --workdir=W`, as configured in `config.export`."""
+    e = config.export
+    report = export.export_workdir(workdir, formats=e.formats, quantize=e.quantize, qat_steps=e.qat_steps,
+                                   model_name=e.model_name, eval_examples=e.eval_examples,
+                                   progress=config.train.progress)
+    print(export.format_table(report), flush=True)

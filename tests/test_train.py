@@ -58,8 +58,30 @@ def smoke(tmp_path_factory):
         pytest.skip(f"Fashion-MNIST not installed in {FMNIST_DIR} (make data)")
     workdir = str(tmp_path_factory.mktemp("smoke") / "w")
     first = train(workdir, "--config.train.steps_per_run=12")
-    second = train(workdir, "--config.train.steps_per_run=12")
+    # Export settings may change on resume: the run that finishes also exports (config.export).
+    second = train(workdir, "--config.train.steps_per_run=12", "--config.export.enabled=True",
+                   "--config.export.quantize=none", "--config.export.eval_examples=200")
     return workdir, first, second
+
+
+def test_finished_run_exports_when_configured(smoke):
+    workdir, first, second = smoke
+    assert os.path.isfile(os.path.join(workdir, "export", "saved_model", "plain", "1", "saved_model.pb"))
+    assert os.path.isfile(os.path.join(workdir, "export", "tflite", "plain_none.tflite"))
+    with open(os.path.join(workdir, "export", "report.json")) as f:
+        report = json.load(f)
+    # The SavedModel and the fp32 .tflite agree with the Keras model on every one of the 200 test images.
+    artefacts = report["artefacts"]
+    assert artefacts["saved_model"]["top1_agreement"] == 1.0 and artefacts["saved_model"]["max_abs_prob_diff"] < 1e-5
+    assert artefacts["tflite_none"]["top1_agreement"] == 1.0
+    assert "saved_model" in second.stdout  # the accuracy table is printed
+
+
+def test_bad_export_option_fails_before_training(tmp_path):
+    proc = train(str(tmp_path / "w"), "--config.export.enabled=True", "--config.export.quantize=int4")
+    assert proc.returncode == 1
+    assert "config.export" in proc.stderr and "quantize='int4'" in proc.stderr
+    assert not os.path.exists(tmp_path / "w")
 
 
 def test_smoke_run_writes_the_workdir(smoke):
