@@ -214,6 +214,22 @@ def _cell(value) -> str:
     return str(value)
 
 
+def multiply_adds(model) -> int:
+    """Multiply-accumulates of one image through the convs and dense layers of a functional model: the
+    arithmetic that removing shortcuts can save (projection convs) or not (identity shortcuts)."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            out_h, out_w = layer.output.shape[1:3]
+            kernel = layer.kernel.shape  # (kh, kw, in / groups, out)
+            total += out_h * out_w * kernel[0] * kernel[1] * kernel[2] * kernel[3]
+        elif isinstance(layer, keras.layers.Dense):
+            total += layer.kernel.shape[0] * layer.kernel.shape[1]
+    return int(total)
+
+
 def mib(nbytes) -> float | None:
     return None if nbytes is None else nbytes / 2 ** 20
 

@@ -110,7 +110,10 @@ def _rss_child(job):
 def _rss_in_fresh_process(job):
     # spawn, not fork: a forked child would inherit this process's TF runtime and its allocator's pages.
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_rss_child, (job,))
+        result = pool.apply(_rss_child, (job,))
+        pool.close()  # a clean exit, so no semaphore is left for the resource tracker to complain about
+        pool.join()
+    return result
 
 
 # ----------------------------------------------------------------------------- one pair

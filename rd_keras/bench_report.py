@@ -79,19 +79,28 @@ def inference_section(payload, img):
                          m["resnet"][key], m["plain"][key], m["resnet"]["p90_ms"], m["plain"]["p90_ms"],
                          m["speedup"], m["paired_speedup"]["median"],
                          f"{m['paired_speedup']['q25']:.2f}–{m['paired_speedup']['q75']:.2f}",
-                         min(m["resnet"]["runs"], m["plain"]["runs"])])
+                         min(m["resnet"]["runs"], m["plain"]["runs"]), m.get("load_average")])
+    sizes = [[r["pair"], r["params"]["resnet"] / 1e6, r["params"]["plain"] / 1e6,
+              r["multiply_adds"]["resnet"] / 1e6, r["multiply_adds"]["plain"] / 1e6, r["multiply_adds"]["ratio"]]
+             for r in payload["results"] if "multiply_adds" in r]
     s = payload["settings"]
     return "\n\n".join([
         "## Inference speed",
         provenance(payload),
+        "What arithmetic alone predicts: the plain twin drops only the projection convs' multiply-adds "
+        "(MACs per image); identity shortcuts cost an add and memory traffic, no MACs.",
+        md_table(sizes, ["pair", "ResNet params (M)", "plain params (M)", "ResNet MMACs", "plain MMACs",
+                         "MAC ratio"]) if sizes else "",
         f"Random weights, BN folded. Batch 1: median latency; batch > 1: images/s from the median batch "
         f"time. Each pair timed interleaved in one process ({s['warmup']} warm-up round(s), then "
         f"{s['min_runs']}–{s['runs']} rounds or {s['budget_s']} s). TFLite: XNNPACK delegate with "
         f"`_t<threads>` threads; Keras and SavedModel: TensorFlow's own thread pool "
         f"({s['tf_intra_op_threads']}). **speedup** = ResNet time / plain time (paper: "
-        f"{PAPER['speedup']}x); **paired** = median of the per-round ratios, with its interquartile range.",
+        f"{PAPER['speedup']}x); **paired** = median of the per-round ratios, with its interquartile range; "
+        f"**load** = the 1-minute load average when the measurement ended (this benchmark itself counts "
+        f"about 1-2; more means other processes were competing for the {payload['machine']['cpu_cores']} cores).",
         md_table(rows, ["pair", "runtime", "batch", "unit", "ResNet", "plain", "ResNet p90 ms", "plain p90 ms",
-                        "speedup", "paired", "paired IQR", "runs"]),
+                        "speedup", "paired", "paired IQR", "runs", "load"]),
         f"![inference]({img}/inference.png)",
     ])
 
@@ -190,7 +199,9 @@ def gap_sentence(depth, runs):
         text = f"{RUN_LABELS[kind]} reaches {100 * rd:.2f}% ({100 * (rd - resnet):+.2f} vs ResNet, " \
                f"{100 * (rd - plain):+.2f} vs plain alone"
         if gap > 0:
-            text += f", {100 * (rd - plain) / gap:.0f}% of the gap closed"
+            closed = (rd - plain) / gap
+            text += f", {100 * closed:.0f}% of the gap closed" if closed >= 0 else \
+                f", the gap widened by {100 * -closed:.0f}%"
         parts.append(text + ")")
     return "; ".join(parts) + "."
 

@@ -1,7 +1,6 @@
 """`bench train-step`: training throughput (images/s) of the RD step against ordinary supervised steps.
 
-Steps, all built by `rd_keras.distill.build_train_step` (the trainer's builder) on the same synthetic batch,
-in one process, timed interleaved round by round:
+Steps, all built by `rd_keras.distill.build_train_step` (the trainer's builder) on the same synthetic batch:
 
 - `resnet`: the supervised ResNet step (what training the teacher alone costs);
 - `plain`: the supervised plain-net step (the baseline RD is meant to beat in accuracy);
@@ -11,14 +10,18 @@ in one process, timed interleaved round by round:
   later stages into the plain net).
 
 Each runs with and without XLA (`jit_compile`) and under each `--precisions` Keras dtype policy;
-`mixed_float16` steps use a `LossScaleOptimizer`, as the trainer does. A combination that fails to build
-or run is reported as skipped with the error. `relative` = step time / the `resnet` step time of the same
-combination (> 1: costlier than training the ResNet alone).
+`mixed_float16` steps use a `LossScaleOptimizer`, as the trainer does. Each (precision, XLA) combination
+runs in its own process, its steps timed interleaved round by round. A combination that fails, or does not
+finish within `--timeout_s` (CPUs without float16 arithmetic emulate it, very slowly), is reported as
+skipped with the reason. `relative` = step time / the `resnet` step time of the same combination (> 1:
+costlier than training the ResNet alone).
 """
 
 from __future__ import annotations
 
-import gc
+import multiprocessing
+import os
+import time
 
 import numpy as np
 
@@ -45,9 +48,12 @@ def add_arguments(parser):
     parser.add_argument("--min_runs", type=int, default=3, help="fewest timed rounds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed rounds after the tracing step (default: %(default)s)")
-    parser.add_argument("--budget_s", type=float, default=30.0,
+    parser.add_argument("--budget_s", type=float, default=20.0,
                         help="seconds of timed rounds per combination once --min_runs are done "
                              "(default: %(default)s)")
+    parser.add_argument("--timeout_s", type=float, default=240.0,
+                        help="a combination still running after this long is stopped and reported as "
+                             "skipped (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="for tests: batch 16, float32 without XLA, 2 runs, no warm-up round")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
@@ -67,6 +73,7 @@ def _settings(args):
         "min_runs": int(common.check_positive(args.min_runs, "--min_runs")),
         "warmup": int(common.check_positive(args.warmup, "--warmup", allow_zero=True)),
         "budget_s": float(common.check_positive(args.budget_s, "--budget_s", allow_zero=True)),
+        "timeout_s": float(common.check_positive(args.timeout_s, "--timeout_s")),
         "quick": bool(args.quick),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": True,
                       "weight_decay": WEIGHT_DECAY},
@@ -125,35 +132,58 @@ def build_step(kind, pair, settings, precision, jit):
     return lambda: float(train_step(iterator)["total"])  # float(): wait for the step's result
 
 
-def bench_combination(pair, settings, precision, jit):
-    """Times every kind under one (precision, jit); a dict per kind, or the reason it was skipped."""
+def _combination_child(pair, settings, precision, jit):
+    """Runs in a spawned process: builds and times every kind under one (precision, jit)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+    import tensorflow as tf
 
-    previous = keras.mixed_precision.global_policy()
+    tf.get_logger().setLevel("ERROR")  # one tf.function per kind is intended: no retracing warnings
     keras.mixed_precision.set_global_policy(precision)
-    label = f"{precision} jit={'on' if jit else 'off'}"
-    try:
-        steps = {}
-        for kind in settings["kinds"]:
-            steps[kind] = build_step(kind, pair, settings, precision, jit)
-            steps[kind]()  # the first call traces (and with XLA compiles); not timed
-        times = common.interleaved(steps, warmup=settings["warmup"], min_runs=settings["min_runs"],
-                                   max_runs=settings["runs"], budget_s=settings["budget_s"], desc=label)
-    except Exception as e:  # an unsupported precision or XLA on this device: say so, keep the rest
-        return {"precision": precision, "jit_compile": jit, "skipped": f"{type(e).__name__}: {e}"[:500]}
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-        keras.backend.clear_session()
-        gc.collect()
-    out = {"precision": precision, "jit_compile": jit, "steps": {}}
+    steps, first = {}, {}
+    start = time.perf_counter()
+    for kind in settings["kinds"]:
+        steps[kind] = build_step(kind, pair, settings, precision, jit)
+        t0 = time.perf_counter()
+        steps[kind]()  # traces (and with XLA compiles): not timed as a step
+        first[kind] = time.perf_counter() - t0
+        if time.perf_counter() - start > settings["timeout_s"] / 2:
+            # Timed rounds would not fit in the time left: give up now, with the one number measured.
+            raise TimeoutError(f"building and the first call of the {kind!r} step took {first[kind]:.0f} s; "
+                               f"too slow to time within --timeout_s={settings['timeout_s']:g}")
+    times = common.interleaved(steps, warmup=settings["warmup"], min_runs=settings["min_runs"],
+                               max_runs=settings["runs"], budget_s=settings["budget_s"],
+                               desc=f"{precision} jit={'on' if jit else 'off'}")
+    return times, first
+
+
+def bench_combination(pair, settings, precision, jit):
+    """Times every kind under one (precision, jit) in a fresh process; a dict per kind, or the reason it
+    was skipped. A fresh process per combination keeps one dtype policy's or XLA's caches from
+    affecting the next, and lets a combination that runs far too slowly be stopped."""
+    base = {"precision": precision, "jit_compile": jit}
+    # spawn, not fork: TensorFlow's runtime does not survive a fork.
+    with multiprocessing.get_context("spawn").Pool(1) as pool:  # leaving the block stops the child
+        try:
+            times, first = pool.apply_async(_combination_child, (pair, settings, precision, jit)).get(
+                timeout=settings["timeout_s"])
+        except multiprocessing.TimeoutError:
+            return {**base, "skipped": f"did not finish within --timeout_s={settings['timeout_s']:g} s "
+                                       f"(tracing, compiling and {settings['min_runs']} rounds of every step)"}
+        except Exception as e:  # an unsupported precision or XLA on this device: say so, keep the rest
+            return {**base, "skipped": f"{type(e).__name__}: {e}"[:500]}
+        pool.close()  # a clean exit, so no semaphore is left for the resource tracker to complain about
+        pool.join()
+    out = {**base, "steps": {}}
     for kind, seconds in times.items():
         stats = common.summarize(seconds)
         stats["images_per_s"] = settings["batch_size"] / (stats["median_ms"] / 1e3)
+        stats["first_call_s"] = first[kind]
         out["steps"][kind] = stats
     if "resnet" in out["steps"]:
-        base = out["steps"]["resnet"]["median_ms"]
+        reference = out["steps"]["resnet"]["median_ms"]
         for stats in out["steps"].values():
-            stats["relative"] = stats["median_ms"] / base
+            stats["relative"] = stats["median_ms"] / reference
     return out
 
 

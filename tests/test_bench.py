@@ -45,6 +45,9 @@ def test_inference(results_dir, capsys):
     assert payload["command"] == "inference" and payload["machine"]["cpu_cores"] >= 1
     (result,) = payload["results"]
     assert result["params"]["resnet"] > result["params"]["plain"] > 0
+    macs = result["multiply_adds"]
+    # ResNet-8 has two projection convs (1x1, stride 2) that its plain twin lacks.
+    assert macs["resnet"] > macs["plain"] > 0 and _approx(macs["ratio"], macs["resnet"] / macs["plain"])
     runtimes = {(m["runtime"], m["batch_size"]) for m in result["measurements"]}
     expected = {"keras", "saved_model", "tflite_fp32_t1", "tflite_fp32_t2", "tflite_int8_t1", "tflite_int8_t2"}
     assert runtimes == {(r, b) for r in expected for b in (1, 4)}
@@ -197,3 +200,14 @@ def test_help_needs_no_tensorflow():
             "print('tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().endswith("False")
+
+
+def test_multiply_adds_counts_convs_and_dense_by_hand():
+    import keras
+
+    x = keras.Input((8, 8, 3))
+    y = keras.layers.Conv2D(4, 3, padding="same")(x)  # 8*8 outputs * 3*3*3 inputs * 4 filters = 6912
+    y = keras.layers.Conv2D(2, 1, strides=2)(y)  # 4*4 outputs * 4 inputs * 2 filters = 128
+    y = keras.layers.GlobalAveragePooling2D()(y)
+    model = keras.Model(x, keras.layers.Dense(5)(y))  # 2 * 5 = 10
+    assert bench_common.multiply_adds(model) == 6912 + 128 + 10
