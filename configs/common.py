@@ -1,8 +1,8 @@
 """Defaults shared by every config; each dataset config overrides only what differs.
 
 Every number of a run lives in its config. Sections: `data` (see rd_keras.data.default_data_config),
-`model`, `teacher`, `distill`, `train`. Config files load this module by path (see `load_common` in
-them), since ml_collections imports config files by path, not as a package.
+`model`, `teacher`, `distill`, `train`. Config files import it as `configs.common`: train.py's folder (the
+repository root) is on sys.path, wherever it is launched from.
 """
 
 import ml_collections
@@ -82,4 +82,25 @@ def smoke(config):
     config.distill.blend_epochs = 1.5
     config.distill.blend_floor = 0.1
     config.distill.kd_alpha = 0.5  # exercise every loss term
+    return config
+
+
+def cifar(name, arg=None):
+    """CIFAR-10/100 from tfds: ResNet-56 teacher, plain-56 student, pad-crop + flip, 200 epochs."""
+    config = get_config()
+    config.data.source = "tfds"
+    config.data.name = name
+    config.data.data_dir = ""  # the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+    config.data.download = False
+    config.data.augment = "cifar"  # pad 4 + random 32x32 crop + flip
+    config.model.arch = "resnet56"
+    config.data.batch_size = 128
+    config.train.lr = 0.1
+    config.train.epochs = 200
+    config.train.weight_decay = 5e-4
+    config.distill.blend_epochs = 150.0
+    if arg == "smoke":
+        smoke(config)
+    elif arg is not None:
+        raise ValueError(f"Unknown config variant {arg!r}: expected 'smoke' or none.")
     return config

@@ -8,20 +8,10 @@ tensorflow-datasets 'imagenet2012' needs the official tar files in `data.manual_
 (`data.download=True` then runs the preparation; it downloads nothing).
 """
 
-import importlib.util
-import os
-
-
-def load_common():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-    spec = importlib.util.spec_from_file_location("rd_keras_configs_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from configs import common
 
 
 def get_config(arg=None):
-    common = load_common()
     config = common.get_config()
     config.data.source = "tfds"
     config.data.name = "imagenet2012"
