@@ -5,6 +5,9 @@
 
 `--config` is a Python config file (`path[:variant]`); `--config.<key>=<value>` overrides any key, and an
 unknown key is an error. Rerunning with the same --workdir resumes. See rd_keras/train_lib.py.
+
+Any problem found before training (a flag, a config value, the data, the teacher, a workdir of another
+run) ends the program with exit status 1 and one line `error: ...` on stderr, and writes nothing.
 """
 
 import sys
@@ -17,6 +20,30 @@ from rd_keras import checkpointing, data, loop, teacher, train_lib
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path[:variant]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the trained models.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _flag_error(error, argv):
+    """One line for a failure to parse the command line; config_flags reports some with a traceback."""
+    if isinstance(error, (AttributeError, KeyError)):  # an override naming a key the config lacks
+        name = str(error).strip("\"'")
+        for arg in argv[1:]:
+            key = arg.partition("=")[0].removeprefix("--config.")
+            if arg.startswith("--config.") and name in key.split("."):
+                return f"{arg}: config.{key} does not exist (every key is listed in configs/common.py)"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def _parse_flags(argv):
+    try:
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.to_dict()  # config_flags defers the error of a file it could not load to a first use
+        return remaining
+    except Exception as e:  # absl, config_flags and the config file itself raise many kinds
+        print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main(argv):
@@ -34,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

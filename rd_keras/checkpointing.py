@@ -8,13 +8,20 @@ Layout of a workdir `W`:
     W/tensorboard/{train,eval}/
     W/metrics.jsonl        one JSON object per evaluation
     W/plain.keras          the plain net alone; W/resnet.keras the ResNet when one was trained
+
+A process may be killed at any instruction, so every file a resumed run relies on is replaced atomically
+(written aside, then renamed): config.json, the checkpoints (tf.train.CheckpointManager writes them aside
+and then rewrites its `checkpoint` index atomically), plain.keras and resnet.keras. metrics.jsonl is
+appended to, and trimmed back to the restored checkpoint when a run starts (`trim_metrics`).
 """
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 
+import numpy as np
 import tensorflow as tf
 
 CONFIG_FILE = "config.json"
@@ -98,6 +105,55 @@ def write_config(workdir: str, config, **derived):
     with open(path + ".tmp", "w") as f:
         json.dump(tree, f, indent=2, sort_keys=True)
     os.replace(path + ".tmp", path)
+
+
+def trim_metrics(workdir: str, step: int) -> int:
+    """Keeps the records of metrics.jsonl up to `step` (the restored one) and drops any line a kill left
+    half-written, so that the records match the checkpoint and a resumed run writes no duplicates.
+    Returns how many lines were dropped."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(kept)
+
+
+def save_model_atomic(model, path: str):
+    """`model.save(path)` through a temporary file renamed over `path`: a kill never leaves a torn file."""
+    partial = path[:-len(".keras")] + ".partial.keras"  # keras insists on the .keras suffix
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def weights_digest(models) -> str:
+    """sha256 of the weights of `models` in order: equal digests mean bitwise-equal weights (used to show
+    that all workers of a distributed run end with the same model)."""
+    digest = hashlib.sha256()
+    for model in models:
+        for weight in model.weights:
+            digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.hexdigest()
+
+
+def task_name(strategy) -> str:
+    """'chief', 'worker:1', ... in a multi-worker cluster; 'single worker' otherwise."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return "single worker"
+    return f"{resolver.task_type}:{resolver.task_id}"
 
 
 def is_chief(strategy) -> bool:

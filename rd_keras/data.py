@@ -336,17 +336,30 @@ def _augment(image, seed, cfg):
     return _random_resized_crop_flip(image, cfg.image_size or image.shape[0], seed)
 
 
-def _train_pipeline(ds, cfg):
-    if cfg.augment != "imagenet":  # the ImageNet crop samples from the full-resolution image
+def _train_examples(ds, cfg):
+    """The train examples before any per-pass randomness: resized (except for the ImageNet crop, which
+    samples from the full-resolution image) and cached."""
+    if cfg.augment != "imagenet":
         ds = ds.map(lambda x, y: (eval_transform(x, cfg.image_size), y), tf.data.AUTOTUNE)
-    ds = ds.cache() if cfg.cache else ds
-    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed, reshuffle_each_iteration=True)
+    return ds.cache() if cfg.cache else ds
+
+
+def _train_pass(ds, cfg, epoch, skip_examples):
+    """Pass `epoch` over the train examples, shuffled and augmented, its first `skip_examples` left out.
+
+    Order and augmentation depend on (data.seed, epoch) alone, not on how many passes this process has
+    made: a resumed run rebuilds exactly the pass it stopped in and skips what it already trained on
+    (before augmentation, so skipping costs no image work).
+    """
+    shuffle_seed, augment_seed = (int(k) for k in np.random.default_rng([cfg.seed, epoch]).integers(
+        0, 2**31 - 1, size=2))
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate().skip(skip_examples)
     if cfg.augment == "none":
-        return ds
-    # Stateless ops fed by a seeded stream: reproducible, and fresh draws each epoch.
-    seeds = tf.data.Dataset.random(seed=cfg.seed, rerandomize_each_iteration=True).batch(2)
-    return tf.data.Dataset.zip(ds, seeds).map(
-        lambda xy, seed: (_augment(xy[0], seed, cfg), xy[1]), tf.data.AUTOTUNE)
+        return ds.map(lambda i, xy: xy)
+    # Stateless ops seeded by (pass seed, position in the pass): reproducible, fresh draws each pass.
+    return ds.map(lambda i, xy: (_augment(xy[0], tf.stack([tf.constant(augment_seed, tf.int64), i]), cfg),
+                                 xy[1]), tf.data.AUTOTUNE)
 
 
 def _eval_pipeline(ds, cfg):
@@ -354,19 +367,36 @@ def _eval_pipeline(ds, cfg):
     return ds.cache() if cfg.cache else ds
 
 
-def _batch_and_normalize(ds, cfg, mean, std, drop_remainder):
-    ds = ds.batch(cfg.batch_size, drop_remainder=drop_remainder)
+def _normalize_batches(ds, mean, std):
     # Normalising whole batches is cheaper than per image.
     ds = ds.map(lambda x, y: (normalize(x, mean, std), y), tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def datasets(config):
-    """Returns `(train_ds, eval_ds, info)`: batches of (float32 normalised images, int32 labels).
+class TrainPasses:
+    """The train split as numbered passes (epochs). Pass e is shuffled and augmented from seeds derived
+    from (data.seed, e) alone, so any pass can be rebuilt exactly, in any process. A pass has
+    `batches_per_pass = train_examples // batch_size` batches (the remainder is dropped)."""
 
-    Train batches drop the remainder and are not repeated (one pass = `train_examples // batch_size`
-    steps); eval batches keep it. `batch_size` is the global batch size.
-    """
+    def __init__(self, examples, cfg, mean, std, batches_per_pass):
+        self._examples, self._cfg, self._mean, self._std = examples, cfg, mean, std
+        self.batches_per_pass = batches_per_pass
+
+    def one_pass(self, epoch, skip_batches=0):
+        """Pass `epoch` without its first `skip_batches` batches: a run resumed at global step s continues
+        with exactly the batches an uninterrupted run would have seen,
+        `one_pass(s // batches_per_pass, s % batches_per_pass)`, then `one_pass(s // batches_per_pass + 1)`."""
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(skip_batches, int)
+                and 0 <= skip_batches < self.batches_per_pass):
+            raise ValueError(f"Need an integer epoch >= 0 and 0 <= skip_batches < {self.batches_per_pass}. "
+                             f"Received: epoch={epoch!r}, skip_batches={skip_batches!r}")
+        ds = _train_pass(self._examples, self._cfg, epoch, skip_batches * self._cfg.batch_size)
+        return _normalize_batches(ds.batch(self._cfg.batch_size, drop_remainder=True), self._mean, self._std)
+
+
+def pipelines(config):
+    """Returns `(train_passes, eval_ds, info)`: a `TrainPasses`, and eval batches (the remainder kept) of
+    (float32 normalised images, int32 labels). `batch_size` is the global batch size."""
     cfg = config.data
     _validate(cfg)
     train, train_count, num_classes = _load(cfg, "train", cfg.train_subset)
@@ -376,9 +406,16 @@ def datasets(config):
     if train_count < cfg.batch_size:
         raise ValueError(f"`batch_size` exceeds the {train_count} train examples, so an epoch would be "
                          f"empty. Received: batch_size={cfg.batch_size}")
-    train_ds = _batch_and_normalize(_train_pipeline(train, cfg), cfg, mean, std, True)
-    eval_ds = _batch_and_normalize(_eval_pipeline(evals, cfg), cfg, mean, std, False)
-    return train_ds, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std)
+    passes = TrainPasses(_train_examples(train, cfg), cfg, mean, std, train_count // cfg.batch_size)
+    eval_ds = _normalize_batches(_eval_pipeline(evals, cfg).batch(cfg.batch_size), mean, std)
+    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std)
+
+
+def datasets(config):
+    """Returns `(train_ds, eval_ds, info)` as `pipelines` does, with `train_ds` its first pass alone
+    (iterating it again repeats that pass; `pipelines(config)[0].one_pass(e)` gives the others)."""
+    passes, eval_ds, info = pipelines(config)
+    return passes.one_pass(0), eval_ds, info
 
 
 def raw_examples(config, split, n):

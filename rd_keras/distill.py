@@ -243,6 +243,18 @@ def build_eval_step(strategy, model, teacher=None, tails=()):
     return eval_step
 
 
+def build_cross_replica_sum(strategy):
+    """A tf.function `cross_sum(values) -> the float64 vector `values` summed over all replicas of all
+    workers`, for host-side decisions every worker must take alike (stop now? same checkpoint?). A
+    collective: every worker calls it at the same point of the run."""
+    @tf.function
+    def cross_sum(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(SUM, per_replica, axis=None)
+
+    return cross_sum
+
+
 def evaluate(eval_step, distributed_dataset):
     """Runs `eval_step` over the dataset: {"acc", "loss", and with a teacher "teacher_acc", "hybrid_acc"}."""
     totals = {}

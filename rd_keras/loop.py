@@ -4,6 +4,11 @@ Loss values stay on the device between log points; every `train.log_every_steps`
 checkpoint) they are fetched together, checked for NaN/Inf, and averaged into TensorBoard and the progress
 bar. No checkpoint is written before that check (nor with non-finite weights), so the newest checkpoint
 is always a good one.
+
+A run resumes from the newest checkpoint at the exact batch it reached: the epoch's pass over the data is
+rebuilt and its consumed batches skipped (`data.TrainPasses`), and metrics.jsonl is trimmed back to it. SIGTERM stops the
+run after the current step, with a checkpoint; in a multi-worker run the workers agree on stopping at a
+log point (a collective), so that they all save the same step and none waits for the others forever.
 """
 
 import json
@@ -49,8 +54,12 @@ def _mean(values):
 class TrainLoop:
     """Runs `setup` (see `train_lib.build_setup`) from the newest checkpoint in `workdir` to the end."""
 
-    def __init__(self, config, workdir, setup, *, chief, steps_per_epoch, num_eval_examples):
+    def __init__(self, config, workdir, setup, *, strategy, chief, steps_per_epoch, num_eval_examples):
         self.config, self.workdir, self.setup, self.chief = config, workdir, setup, chief
+        self.task = checkpointing.task_name(strategy)
+        # Host-side decisions all workers must share go through a collective; one worker decides alone.
+        self._cross_sum = distill.build_cross_replica_sum(strategy) if isinstance(
+            strategy, tf.distribute.MultiWorkerMirroredStrategy) else None
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.train.epochs * steps_per_epoch
         self.num_eval_examples = num_eval_examples
@@ -120,6 +129,26 @@ class TrainLoop:
         self._checkpointer.save(step)
         self._last_saved = step
 
+    def _check_same_restore(self, step, restored):
+        """All workers must continue from the same step: each one restores from the chief's directory."""
+        if self._cross_sum is None:
+            return
+        count, total, squares = self._cross_sum(tf.constant([1.0, step, step * step], tf.float64)).numpy()
+        if count * squares != total * total:  # equal iff every replica has the same step
+            source = restored or "no checkpoint"
+            raise checkpointing.WorkdirError(
+                f"The workers restored different steps ({self.task}: step {step}, from {source}). Every "
+                f"worker restores from {self._checkpointer.directory}: put the workdir on a filesystem all "
+                "workers share.")
+
+    def _stop_requested(self, sigterm, step):
+        """Whether to stop after `step` for a SIGTERM; with several workers, once any of them got one."""
+        if self._cross_sum is None:
+            return sigterm.requested
+        if step % self.config.train.log_every_steps:
+            return False
+        return self._cross_sum(tf.constant([float(sigterm.requested)], tf.float64)).numpy()[0] > 0
+
     # ------------------------------------------------------------------ evaluation
 
     def _evaluate(self, eval_data, step):
@@ -156,7 +185,10 @@ class TrainLoop:
 
     def run(self, train_data, eval_data):
         """Trains to the end; returns the final evaluation record, or None when `train.steps_per_run`
-        stopped this invocation early (after a checkpoint). SIGTERM checkpoints, then exits with 143."""
+        stopped this invocation early (after a checkpoint). SIGTERM checkpoints, then exits with 143.
+
+        `train_data(step)` gives the distributed batches from global step `step` to the end of its epoch;
+        `eval_data` is a distributed dataset."""
         self._checkpointer = checkpointing.Checkpointer(self.workdir, self.setup.checkpoint_objects,
                                                         chief=self.chief,
                                                         max_to_keep=self.config.train.keep_checkpoints)
@@ -164,10 +196,15 @@ class TrainLoop:
         try:
             restored = self._checkpointer.restore_latest()
             step = int(self.setup.step.numpy())
+            self._check_same_restore(step, restored)
             if restored:
                 self._last_saved = step
                 self._print(f"resumed from step {step} of {self.total_steps} "
-                            f"({step // self.steps_per_epoch} epochs done): {restored}")
+                            f"({step // self.steps_per_epoch} epochs done, "
+                            f"{step % self.steps_per_epoch} steps into the next): {restored}")
+            if self.chief and checkpointing.trim_metrics(self.workdir, step):
+                self._print(f"{checkpointing.METRICS_FILE}: dropped the records after step {step}, "
+                            "written after the restored checkpoint")
             with _SigtermFlag() as sigterm:
                 return self._train(step, train_data, eval_data, sigterm)
         finally:
@@ -179,13 +216,13 @@ class TrainLoop:
         t, spe = self.config.train, self.steps_per_epoch
         run_end = min(step + t.steps_per_run, self.total_steps) if t.steps_per_run else self.total_steps
         record = None
-        while step < run_end:
-            # A resumed run starts a fresh pass over the data and takes the rest of the epoch from it.
-            iterator = iter(train_data)
+        stop = False
+        while step < run_end and not stop:
+            iterator = iter(train_data(step))  # the rest of this epoch, exactly as an uninterrupted run
             self._bar = tqdm.tqdm(total=spe, initial=step % spe, desc=f"epoch {step // spe + 1}/{t.epochs}",
                                   unit="step", disable=not (self.chief and t.progress), file=sys.stderr)
             with self._bar:
-                while step < run_end and not sigterm.requested:
+                while step < run_end:
                     self._pending.append((step, self.setup.train_step(iterator)))
                     step += 1
                     self._bar.update(1)
@@ -193,7 +230,8 @@ class TrainLoop:
                         self._flush()
                     if step % t.checkpoint_every_steps == 0:
                         self._save(step)
-                    if step % spe == 0:
+                    stop = self._stop_requested(sigterm, step)
+                    if stop or step % spe == 0:
                         break
                 self._flush()
             self._bar = None
@@ -202,7 +240,7 @@ class TrainLoop:
                 record = self._evaluate(eval_data, step)
                 self._log_eval(record)
                 self._save(step)
-            if sigterm.requested:
+            if stop:
                 self._save(step)
                 self._print(f"SIGTERM: checkpoint saved at step {step}; rerun the same command to resume.")
                 raise SystemExit(128 + signal.SIGTERM)
@@ -213,6 +251,9 @@ class TrainLoop:
             return None
         if record is None:  # resumed a finished run: evaluate again for the summary
             record = self._evaluate(eval_data, step)
+        # Every worker says what it ended with: in a distributed run all digests must be equal.
+        print(f"final weights sha256={checkpointing.weights_digest(self.setup.trained.values())} "
+              f"({self.task})", flush=True)
         self._save_artefacts()
         self._print_summary(record)
         return record
@@ -223,7 +264,7 @@ class TrainLoop:
         for role, model in self.setup.trained.items():
             path = os.path.join(self.workdir,
                                 checkpointing.PLAIN_FILE if role == "plain" else checkpointing.RESNET_FILE)
-            model.save(path)
+            checkpointing.save_model_atomic(model, path)
             self._print(f"saved {path} ({model.name}, {model.count_params():,} params)")
 
     def _print_summary(self, record):

@@ -8,7 +8,9 @@
   usable later as `teacher.path`; "none"/"downsample": the plain baseline, saved as `plain.keras`).
 
 The workdir layout is in `rd_keras.checkpointing`. Rerunning the same command resumes from the newest
-checkpoint: schedules are functions of the restored global step, so they continue where they stopped.
+checkpoint: schedules are functions of the restored global step, so they continue where they stopped, and
+the train stream restarts at the batch that step reached (`data.TrainPasses`), so with
+`train.deterministic=True` an interrupted and resumed run ends with the same weights as an uninterrupted one.
 """
 
 import dataclasses
@@ -216,8 +218,13 @@ def run(config, workdir):
     keras.utils.set_random_seed(config.train.seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
-    train_ds, eval_ds, info = data.datasets(config)
-    steps_per_epoch = info.train_examples // config.data.batch_size
+    try:
+        passes, eval_ds, info = data.pipelines(config)
+    except data.DataError:
+        raise
+    except ValueError as e:  # a config.data value that cannot work
+        raise ConfigError(f"config.data: {e}") from None
+    steps_per_epoch = passes.batches_per_pass
 
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(config.train.precision)
@@ -231,9 +238,13 @@ def run(config, workdir):
                 workdir, config, dataset=dataclasses.asdict(info),
                 run={"steps_per_epoch": steps_per_epoch, "total_steps": config.train.epochs * steps_per_epoch,
                      "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming})
-        loop = TrainLoop(config, workdir, setup, chief=chief, steps_per_epoch=steps_per_epoch,
-                         num_eval_examples=info.eval_examples)
-        record = loop.run(_distribute(strategy, train_ds), _distribute(strategy, eval_ds))
+        loop = TrainLoop(config, workdir, setup, strategy=strategy, chief=chief,
+                         steps_per_epoch=steps_per_epoch, num_eval_examples=info.eval_examples)
+
+        def train_data(step):  # from global step `step` to the end of its epoch
+            return _distribute(strategy, passes.one_pass(step // steps_per_epoch, step % steps_per_epoch))
+
+        record = loop.run(train_data, _distribute(strategy, eval_ds))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     if record is not None and chief and config.export.enabled and "plain" in setup.trained:
