@@ -291,7 +291,8 @@ def _load(cfg, split, limit):
 # ----------------------------------------------------------------------------- public API
 
 
-def _validate(cfg):
+def check_config(cfg):
+    """Raises ValueError quoting the first `config.data` value that cannot work; reads no file."""
     if cfg.source not in SOURCES:
         raise ValueError(f"`source` must be one of {SOURCES}. Received: source={cfg.source!r}")
     if cfg.augment not in AUGMENTS:
@@ -398,7 +399,7 @@ def pipelines(config):
     """Returns `(train_passes, eval_ds, info)`: a `TrainPasses`, and eval batches (the remainder kept) of
     (float32 normalised images, int32 labels). `batch_size` is the global batch size."""
     cfg = config.data
-    _validate(cfg)
+    check_config(cfg)
     train, train_count, num_classes = _load(cfg, "train", cfg.train_subset)
     evals, eval_count, _ = _load(cfg, "test", cfg.eval_subset)
     image_shape = _image_shape(train, cfg)
@@ -422,7 +423,7 @@ def raw_examples(config, split, n):
     """The first `n` examples of `split` ('train' or 'test', fewer if the split is smaller), without
     augmentation: uint8 images `[n, H, W, C]` after `eval_transform`, and int32 labels."""
     cfg = config.data
-    _validate(cfg)
+    check_config(cfg)
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}. Received: split={split!r}")
     if not isinstance(n, int) or n < 1:

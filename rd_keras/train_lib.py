@@ -53,6 +53,10 @@ def _number(value, key, low, high=float("inf"), integer=False, low_open=False):
 def validate(config):
     """Checks every value `run` uses, quoting the bad one; touches no file."""
     t, m, d = config.train, config.model, config.distill
+    try:
+        data.check_config(config.data)
+    except ValueError as e:
+        raise ConfigError(f"config.data: {e}") from None
     _choice(t.mode, TRAIN_MODES, "train.mode")
     try:
         architectures.get_spec(m.arch)
@@ -222,7 +226,7 @@ def run(config, workdir):
         passes, eval_ds, info = data.pipelines(config)
     except data.DataError:
         raise
-    except ValueError as e:  # a config.data value that cannot work
+    except ValueError as e:  # a config.data value that does not fit the data (batch size, statistics)
         raise ConfigError(f"config.data: {e}") from None
     steps_per_epoch = passes.batches_per_pass
 

@@ -24,6 +24,10 @@ import tensorflow as tf
 
 from serving.registry import check_keys, invalid
 
+# numpy's limit on dimensions; deeper nesting is refused before recursing into it (a request must never
+# exhaust the interpreter's stack, which would make it an internal error instead of a bad request).
+MAX_RANK = 64
+
 
 def parse_predict_body(body: bytes) -> tuple[str, str, Any]:
     """(signature_name, "instances" | "inputs", payload) from a raw request body."""
@@ -49,9 +53,11 @@ def _is_b64(value: Any) -> bool:
 def _string_array(key: str, value: Any) -> np.ndarray:
     """Nested lists of str / {"b64"} -> object array of bytes, checking the nesting is rectangular."""
 
-    def convert(v):
+    def convert(v, depth=0):
         if isinstance(v, list):
-            return [convert(x) for x in v]
+            if depth >= MAX_RANK:
+                raise invalid(f"input {key!r} is nested deeper than {MAX_RANK} levels")
+            return [convert(x, depth + 1) for x in v]
         if isinstance(v, str):
             return v.encode("utf-8")
         if _is_b64(v) and isinstance(v["b64"], str):
