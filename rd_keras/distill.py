@@ -196,7 +196,9 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
         else:
             apply(grads)
         if state_variables and (sync_state or nan_skip):
-            values = [tf.convert_to_tensor(v) for v in state_variables]
+            # tf.identity places each read on this replica's device: all_reduce needs a device to
+            # reduce to, and a bare read of a multi-worker variable has none.
+            values = [tf.identity(v) for v in state_variables]
             if sync_state:
                 values = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, values)
             if nan_skip:
