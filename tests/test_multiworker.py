@@ -8,9 +8,11 @@ weights, so the workers are compared without the non-chief writing any file.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import keras
 import pytest
@@ -41,9 +43,8 @@ def free_ports(n):
     return ports
 
 
-def run_cluster(workdirs, tmpdirs, flags, timeout=420):
-    """Runs one train.py per workdir as the workers of one cluster; returns [(returncode, stdout,
-    stderr)] in worker order. Worker 0 is the chief."""
+def start_cluster(workdirs, tmpdirs, flags):
+    """Starts one train.py per workdir as the workers of one cluster (worker 0 is the chief)."""
     cluster = {"worker": [f"{HOST}:{port}" for port in free_ports(len(workdirs))]}
     procs = []
     for index, (workdir, tmpdir) in enumerate(zip(workdirs, tmpdirs)):
@@ -53,6 +54,11 @@ def run_cluster(workdirs, tmpdirs, flags, timeout=420):
                f"--workdir={workdir}", *SYNTHETIC, *flags]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
+    return procs
+
+
+def finish(procs, timeout=420):
+    """[(returncode, stdout, stderr)] of every worker, in order."""
     try:
         # A worker left alone waits for its peer forever: the timeout ends such a hang.
         outputs = [p.communicate(timeout=timeout) for p in procs]
@@ -74,7 +80,7 @@ def test_two_workers_train_as_one_and_only_the_chief_writes(tmp_path):
         os.makedirs(d)
 
     # Each worker has its own --workdir: the non-chief must leave its own untouched. The chief exports.
-    first = run_cluster([chief_dir, worker_dir], tmpdirs, EXPORT)
+    first = finish(start_cluster([chief_dir, worker_dir], tmpdirs, EXPORT))
     for code, out, err in first:
         assert code == 0, err[-3000:]
     assert not os.path.exists(worker_dir)
@@ -95,8 +101,32 @@ def test_two_workers_train_as_one_and_only_the_chief_writes(tmp_path):
 
     # Rerunning resumes from the chief's directory, which this non-chief cannot see: it would restore
     # nothing while the chief restores step 16. Every worker refuses, naming the cause.
-    second = run_cluster([chief_dir, worker_dir], tmpdirs, [])
+    second = finish(start_cluster([chief_dir, worker_dir], tmpdirs, []))
     for code, out, err in second:
         assert code == 1 and "error: The workers restored different steps" in err, err[-3000:]
     assert not os.path.exists(worker_dir)
 
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_worker_stops_all_at_the_same_checkpointed_step(tmp_path):
+    """Preemption may reach one worker only; the workers agree at the next log point (a collective), so
+    they all save and exit together instead of one leaving the others blocked in a collective."""
+    workdir = str(tmp_path / "w")
+    tmpdirs = [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]
+    for d in tmpdirs:
+        os.makedirs(d)
+    procs = start_cluster([workdir, workdir], tmpdirs,
+                          ["--config.train.epochs=50", "--config.train.checkpoint_every_steps=10000"])
+    try:
+        while not os.path.exists(os.path.join(workdir, "checkpoints", "checkpoint")):  # training under way
+            assert all(p.poll() is None for p in procs), "a worker ended before the signal"
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)  # the non-chief only
+    finally:
+        results = finish(procs)
+    for code, out, err in results:
+        assert code == 128 + signal.SIGTERM, err[-3000:]
+    step = int(re.search(r"SIGTERM: checkpoint saved at step (\d+)", results[0][1]).group(1))
+    assert step % 4 == 0  # a log point of the smoke config (train.log_every_steps=4)
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints")).endswith(f"ckpt-{step}")
