@@ -38,7 +38,6 @@ def test_qat_export_gives_a_full_integer_model_with_sane_accuracy(workdir):
     # A short fine-tune may move the decision boundary, so compare accuracy, not agreement.
     assert keras_entry["accuracy"] > 0.5, "the reference model did not train"
     assert qat["accuracy"] >= keras_entry["accuracy"] - 0.05, (qat, keras_entry)
-    assert qat["top1_agreement"] >= 0.7, qat
     probabilities = runner(np.zeros((2, 28, 28, 1), np.float32))
     np.testing.assert_allclose(probabilities.sum(-1), 1.0, atol=0.05)
 
