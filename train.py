@@ -7,7 +7,8 @@
 unknown key is an error. Rerunning with the same --workdir resumes. See rd_keras/train_lib.py.
 
 Any problem found before training (a flag, a config value, the data, the teacher, a workdir of another
-run) ends the program with exit status 1 and one line `error: ...` on stderr, and writes nothing.
+run) ends the program with exit status 1 and one message `error: ...` on stderr (a config diff lists its
+keys on the following lines), and writes nothing.
 """
 
 import sys
