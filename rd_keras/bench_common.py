@@ -305,3 +305,13 @@ def convert_tflite(folded, shape, quantize):
     if quantize == "int8":
         calibration = np.random.default_rng(0).standard_normal([CALIBRATION_IMAGES, *shape], np.float32)
     return tflite_export.convert(folded, tuple(shape), quantize, calibration=calibration)
+
+
+def add_pair_arguments(parser):
+    """The flags that choose the ResNet/plain pairs: architectures, width and input size."""
+    parser.add_argument("--archs", default=",".join(DEFAULT_ARCHS),
+                        help="comma-separated architectures; each names its ResNet/plain pair "
+                             "(default: %(default)s)")
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")

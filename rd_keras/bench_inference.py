@@ -28,12 +28,7 @@ ENGINES = ("keras", "saved_model", "tflite_fp32", "tflite_int8")
 
 
 def add_arguments(parser):
-    parser.add_argument("--archs", default=",".join(common.DEFAULT_ARCHS),
-                        help="comma-separated architectures; each names its ResNet/plain pair "
-                             "(default: %(default)s)")
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")
+    common.add_pair_arguments(parser)
     parser.add_argument("--engines", default=",".join(ENGINES), help="subset of %(default)s")
     parser.add_argument("--batch_sizes", default="1,64",
                         help="batch 1 gives latency, larger batches throughput (default: %(default)s)")

@@ -32,12 +32,7 @@ RSS_ENGINES = ("keras", "tflite_fp32", "tflite_int8")
 
 
 def add_arguments(parser):
-    parser.add_argument("--archs", default=",".join(common.DEFAULT_ARCHS),
-                        help="comma-separated architectures; each names its ResNet/plain pair "
-                             "(default: %(default)s)")
-    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")
+    common.add_pair_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=1,
                         help="batch of the liveness walk and the TFLite arena (default: %(default)s)")
     parser.add_argument("--rss_batch", type=int, default=64,
