@@ -315,3 +315,23 @@ def add_pair_arguments(parser):
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier (default: 1.0)")
     parser.add_argument("--image_size", type=int, default=None,
                         help="override the native input size (32 for CIFAR nets, 224 for ImageNet nets)")
+
+
+def run_pairs(command, args, pairs, settings, load_at_start, bench_pair, table):
+    """Runs `bench_pair(pair, settings, workdir)` for each pair, prints `table(results)`, writes `--json`;
+    returns the JSON payload."""
+    import tempfile
+
+    import keras
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="rd_keras-bench-") as workdir:
+        for pair in progress(pairs, "pairs"):
+            results.append(bench_pair(pair, settings, workdir))
+            keras.backend.clear_session()  # frees the pair's graphs before the next, larger one
+    payload = {"command": command, "machine": machine(args.argv, load_at_start), "settings": settings,
+               "results": results}
+    print(table(results))
+    if args.json:
+        write_json(args.json, payload)
+    return payload

@@ -195,21 +195,10 @@ def table(results) -> str:
 
 
 def run(args):
-    import keras
     import tensorflow as tf
 
     load_at_start = common.load_average()
     settings = _settings(args)
     pairs = common.parse_pairs(args.archs, args.width, args.image_size)
     settings["tf_intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads() or "all cores"
-    results = []
-    with tempfile.TemporaryDirectory(prefix="rd_keras-bench-") as workdir:
-        for pair in common.progress(pairs, "pairs"):
-            results.append(bench_pair(pair, settings, workdir))
-            keras.backend.clear_session()  # frees the pair's graphs before the next, larger one
-    payload = {"command": "inference", "machine": common.machine(args.argv, load_at_start), "settings": settings,
-               "results": results}
-    print(table(results))
-    if args.json:
-        common.write_json(args.json, payload)
-    return payload
+    return common.run_pairs("inference", args, pairs, settings, load_at_start, bench_pair, table)

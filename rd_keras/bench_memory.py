@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 
 import numpy as np
 
@@ -181,19 +180,7 @@ def table(results) -> str:
 
 
 def run(args):
-    import keras
-
     load_at_start = common.load_average()
     settings = _settings(args)
     pairs = common.parse_pairs(args.archs, args.width, args.image_size)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="rd_keras-bench-") as workdir:
-        for pair in common.progress(pairs, "pairs"):
-            results.append(bench_pair(pair, settings, workdir))
-            keras.backend.clear_session()
-    payload = {"command": "memory", "machine": common.machine(args.argv, load_at_start), "settings": settings,
-               "results": results}
-    print(table(results))
-    if args.json:
-        common.write_json(args.json, payload)
-    return payload
+    return common.run_pairs("memory", args, pairs, settings, load_at_start, bench_pair, table)
