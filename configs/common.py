@@ -33,6 +33,8 @@ def get_config():
         "blend_epochs": 100.0,  # ... over this many epochs, then stays there
         "kd_alpha": 0.0,  # weight of the T^2-scaled KL(teacher || hybrid) terms; 0 = no KD
         "temperature": 4.0,
+        "normalize": False,  # divide the CE terms by the number of paths (hybrid + plain), as the official code
+        "hybrid_points": "stages",  # where hybrid paths start: "stages", "every_k_blocks:K" or "b1,b2,..."
     })
 
     config.train = ml_collections.ConfigDict({
@@ -54,6 +56,7 @@ def get_config():
         "keep_checkpoints": 3,
         "steps_per_run": 0,  # >0: stop (with a checkpoint) after this many steps; rerun to continue
         "progress": True,  # tqdm bar per epoch
+        "grad_norms": True,  # per-stage gradient norms (plain vs hybrid terms) in TensorBoard, at log points
     })
 
     config.export = ml_collections.ConfigDict({

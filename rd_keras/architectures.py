@@ -165,13 +165,24 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
             keep = shortcuts == "all" or (shortcuts == "downsample" and changes_shape)
             x = residual_block(x, kind=spec.block, filters=filters, stride=stride, shortcut=keep,
                                prefix=f"stage{i}_block{j}",
-                               out_name=f"stage{i}" if j == blocks else f"stage{i}_block{j}_out",
+                               out_name=_block_output_name(i, j, blocks),
                                dirac=dirac and plain)
         endpoints[f"stage{i}"] = x
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     # float32 logits even under mixed precision, so losses and softmax stay numerically safe.
     endpoints["logits"] = keras.layers.Dense(num_classes, name="logits", dtype="float32")(pooled)
     return keras.Model(inputs, endpoints, name=name)
+
+
+def _block_output_name(stage, block, blocks_in_stage):
+    # The last block's output is the stage endpoint.
+    return f"stage{stage}" if block == blocks_in_stage else f"stage{stage}_block{block}_out"
+
+
+def block_output_names(arch: str) -> list[str]:
+    """Names of the layers ending each residual block of `arch`, in order, as `build` names them."""
+    return [_block_output_name(i, j, blocks)
+            for i, blocks in enumerate(get_spec(arch).blocks, start=1) for j in range(1, blocks + 1)]
 
 
 def endpoint_names(model) -> list[str]:

@@ -8,10 +8,19 @@ For each depth D in `--depths` four runs, identical budget and schedule (`--epoc
 - `rd_joint`: plain-D trained by RD, the ResNet teacher trained alongside (`teacher.mode=joint`);
 - `rd_pretrained`: plain-D trained by RD from the frozen ResNet of the `resnet` run (`teacher.mode=pretrained`).
 
-Reported per run: test accuracy of the trained net (the plain net for RD runs; RD runs also give their
-teacher's), the final epoch's mean training cross-entropy of that net, wall time, and the learning curves
-read from each workdir's metrics.jsonl. The hybrid-loss decay `distill.blend_epochs` keeps the config's
-fraction of the run when `--epochs` shortens it. A workdir holding a finished run is reused, not retrained.
+`--variant NAME:KEY=VALUE,...` (repeatable) adds a run `NAME` with those config overrides on top of one of
+the four runs above, chosen by the key `run` (default `rd_joint`): e.g. `--variant
+dirac:model.dirac=True` or `--variant plain_dirac:run=plain,model.dirac=True`. `--seeds 0,1` repeats every
+run with `train.seed` and `data.seed` set to each seed; the summary gives each run's mean and spread.
+
+With `--validation_split F` every run evaluates on the last fraction F of the training images while it
+trains (the learning curves, and the numbers to choose variants by) and on the test split once, at its end.
+
+Reported per run: test (and validation) accuracy of the trained net (the plain net for RD runs; RD runs
+also give their teacher's), the final epoch's mean training cross-entropy of that net, wall time, and the
+learning curves read from each workdir's metrics.jsonl. The hybrid-loss decay `distill.blend_epochs` keeps
+the config's fraction of the run when `--epochs` shortens it. A workdir holding a finished run is reused,
+not retrained.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -40,6 +50,13 @@ def add_arguments(parser):
     parser.add_argument("--width", type=float, default=None, help="default: the config's")
     parser.add_argument("--train_subset", type=int, default=None,
                         help="first N training images; 0 = all (default: the config's)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="an extra run NAME: config overrides on top of the run named by the key `run` "
+                             "(default rd_joint); repeatable")
+    parser.add_argument("--seeds", default="0", help="train.seed and data.seed of every run (default: %(default)s)")
+    parser.add_argument("--validation_split", type=float, default=0.0,
+                        help="evaluate on this last fraction of the training images; test once at the end "
+                             "(default: 0, evaluate on the test split)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="any other config override, passed as --config.KEY=VALUE to every run (repeatable)")
     parser.add_argument("--parallel", type=int, default=1,
@@ -69,6 +86,22 @@ def _parse_override(text):
     return key.strip(), value.strip()
 
 
+def parse_variant(text):
+    """`NAME:KEY=VALUE,...` -> (name, base run, {key: value}). A value may hold commas (a list of blocks):
+    the text splits only before `KEY=`."""
+    name, sep, body = text.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_]+", name) or not body:
+        raise common.FlagError(f"--variant must be NAME:KEY=VALUE,... with NAME of letters, digits and _, "
+                               f"got {text!r}.")
+    if name in RUNS:
+        raise common.FlagError(f"--variant name {name!r} is one of the standard runs {RUNS}; choose another.")
+    overrides = dict(_parse_override(part) for part in re.split(r",(?=[\w.]+=)", body))
+    base = overrides.pop("run", "rd_joint")
+    if base not in RUNS:
+        raise common.FlagError(f"--variant {name}: run must be one of {RUNS}, got {base!r}.")
+    return name, base, overrides
+
+
 def plan(args):
     """(budget, runs): the resolved budget and one dict per run, in an order that respects dependencies."""
     config = load_config(args.config)
@@ -86,6 +119,15 @@ def plan(args):
     common.check_positive(width, "--width")
     common.check_positive(subset, "--train_subset", allow_zero=True)
     common.check_positive(args.parallel, "--parallel")
+    seeds = common.parse_ints(args.seeds, "--seeds", minimum=0)
+    if not 0 <= args.validation_split < 1:
+        raise common.FlagError(f"--validation_split must be in [0, 1), got {args.validation_split!r}.")
+    variants = [parse_variant(v) for v in args.variant]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        raise common.FlagError(f"--variant names must differ, got {names}.")
+    if any(base == "rd_pretrained" for _, base, _ in variants) and "resnet" not in kinds:
+        raise common.FlagError("A variant of rd_pretrained needs the resnet run (--runs) as its teacher.")
     blend_epochs = config.distill.blend_epochs * epochs / config.train.epochs
     overrides = dict(_parse_override(o) for o in args.override)
     budget = {"config": args.config, "epochs": epochs, "width": width, "train_subset": subset,
@@ -93,29 +135,36 @@ def plan(args):
               "lr": config.train.lr, "warmup_epochs": config.train.warmup_epochs,
               "blend_epochs": blend_epochs, "blend_floor": config.distill.blend_floor,
               "kd_alpha": config.distill.kd_alpha, "data_source": config.data.source,
-              "overrides": overrides}
+              "overrides": overrides, "seeds": seeds, "validation_split": args.validation_split,
+              "variants": {name: {"run": base, **o} for name, base, o in variants}}
     common_flags = {"train.epochs": epochs, "model.width": width, "data.train_subset": subset,
                     "distill.blend_epochs": blend_epochs, "train.progress": False, **overrides}
+    if args.validation_split:
+        common_flags["data.validation_split"] = args.validation_split
     per_kind = {
         "resnet": {"train.mode": "supervised", "model.supervised_shortcuts": "all"},
         "plain": {"train.mode": "supervised", "model.supervised_shortcuts": "none"},
         "rd_joint": {"train.mode": "distill", "teacher.mode": "joint"},
         "rd_pretrained": {"train.mode": "distill", "teacher.mode": "pretrained"},
     }
+    entries = [(kind, kind, {}) for kind in RUNS if kind in kinds] + variants
     runs = []
     for depth in depths:
-        for kind in RUNS:
-            if kind not in kinds:
-                continue
-            workdir = os.path.join(args.out, f"d{depth}_{kind}")
-            flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[kind]}
-            if kind == "rd_pretrained":
-                flags["teacher.path"] = os.path.join(args.out, f"d{depth}_resnet")
-            command = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={args.config}",
-                       f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
-            runs.append({"name": f"d{depth}_{kind}", "depth": depth, "kind": kind, "workdir": workdir,
-                         "command": command,
-                         "needs": f"d{depth}_resnet" if kind == "rd_pretrained" else None})
+        for seed in seeds:
+            # One seed keeps the plain names (and the workdirs of earlier single-seed runs).
+            suffix = f"_s{seed}" if len(seeds) > 1 else ""
+            seed_flags = {"train.seed": seed, "data.seed": seed} if seed or len(seeds) > 1 else {}
+            for name, base, extra in entries:
+                workdir = os.path.join(args.out, f"d{depth}_{name}{suffix}")
+                flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[base], **seed_flags}
+                teacher_run = f"d{depth}_resnet{suffix}" if base == "rd_pretrained" else None
+                if teacher_run:
+                    flags["teacher.path"] = os.path.join(args.out, teacher_run)
+                flags.update(extra)
+                command = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={args.config}",
+                           f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
+                runs.append({"name": f"d{depth}_{name}{suffix}", "depth": depth, "kind": name, "base": base,
+                             "seed": seed, "workdir": workdir, "command": command, "needs": teacher_run})
     return budget, runs
 
 
@@ -230,28 +279,78 @@ def curves(records):
 
 
 def summarize_run(run, done):
-    entry = {"name": run["name"], "depth": run["depth"], "kind": run["kind"], "workdir": run["workdir"]}
+    """One run's numbers. With a validation split, `test_acc` (and `teacher_acc`) come from the one test
+    evaluation at the end, `val_acc` and the curves from the validation split."""
+    entry = {"name": run["name"], "depth": run["depth"], "kind": run["kind"], "base": run.get("base", run["kind"]),
+             "seed": run.get("seed", 0), "workdir": run["workdir"]}
     if run["name"] not in done:
         return {**entry, "failed": True}
     records = read_metrics(run["workdir"])
-    c = curves(records)
-    entry.update(test_acc=c["test_acc"][-1], final_train_ce=c["train_ce"][-1], wall_s=done[run["name"]]["wall_s"],
-                 reused=done[run["name"]]["reused"], command=done[run["name"]]["command"],
-                 teacher_acc=c.get("teacher_acc", [None])[-1], curves=c)
+    c, last = curves(records), records[-1]
+    validated = "test_acc" in last
+    entry.update(test_acc=last["test_acc"] if validated else last["acc"],
+                 val_acc=last["acc"] if validated else None, final_train_ce=c["train_ce"][-1],
+                 wall_s=done[run["name"]]["wall_s"], reused=done[run["name"]]["reused"],
+                 command=done[run["name"]]["command"],
+                 teacher_acc=last.get("test_teacher_acc" if validated else "teacher_acc"),
+                 teacher_val_acc=last.get("teacher_acc") if validated else None, curves=c)
     return entry
+
+
+def aggregate(results):
+    """Per (depth, run kind) over seeds: mean, min and max of the test and validation accuracies (and the
+    teacher's), and the share of the plain-vs-ResNet gap closed by the mean (against the same depth's
+    `plain` and `resnet` means, or the joint teachers' when there is no resnet run)."""
+    groups = {}
+    for r in results:
+        if not r.get("failed"):
+            groups.setdefault((r["depth"], r["kind"]), []).append(r)
+    rows = []
+    for (depth, kind), rs in groups.items():
+        row = {"depth": depth, "kind": kind, "seeds": [r["seed"] for r in rs]}
+        for key in ("test_acc", "val_acc", "teacher_acc", "teacher_val_acc"):
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if values:
+                row[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
+                            "n": len(values)}
+        rows.append(row)
+    for row in rows:
+        same = {r["kind"]: r for r in rows if r["depth"] == row["depth"]}
+        for split in ("test_acc", "val_acc"):
+            plain = same.get("plain", {}).get(split)
+            resnet = same.get("resnet", {}).get(split) or same.get("rd_joint", {}).get(
+                "teacher_" + split)
+            if plain and resnet and row.get(split) and resnet["mean"] != plain["mean"] and row["kind"] not in (
+                    "plain", "resnet"):
+                row[f"gap_closed_{split}"] = (row[split]["mean"] - plain["mean"]) / (resnet["mean"] - plain["mean"])
+    return rows
+
+
+def _pct(value):
+    return None if value is None else 100 * value
 
 
 def table(results) -> str:
     rows = []
     for r in results:
         if r.get("failed"):
-            rows.append([r["depth"], r["kind"], None, None, None, None, "failed"])
+            rows.append([r["depth"], r["name"], None, None, None, None, None, "failed"])
             continue
-        rows.append([r["depth"], r["kind"], 100 * r["test_acc"],
-                     None if r["teacher_acc"] is None else 100 * r["teacher_acc"], r["final_train_ce"],
-                     r["wall_s"] / 60, "reused" if r["reused"] else ""])
-    header = ["depth", "run", "test acc %", "teacher acc %", "final train CE", "wall min", ""]
+        rows.append([r["depth"], r["name"], _pct(r.get("val_acc")), 100 * r["test_acc"], _pct(r["teacher_acc"]),
+                     r["final_train_ce"], r["wall_s"] / 60, "reused" if r["reused"] else ""])
+    header = ["depth", "run", "val acc %", "test acc %", "teacher test acc %", "final train CE", "wall min", ""]
     return common.format_table(rows, header)
+
+
+def summary_table(rows) -> str:
+    def spread(stat):
+        return "" if not stat else f"{100 * stat['mean']:.2f} ({100 * stat['min']:.2f}-{100 * stat['max']:.2f})"
+
+    body = [[r["depth"], r["kind"], len(r["seeds"]), spread(r.get("val_acc")), spread(r.get("test_acc")),
+             _pct(r.get("gap_closed_val_acc")), _pct(r.get("gap_closed_test_acc"))] for r in rows]
+    header = ["depth", "run", "seeds", "val acc % mean (min-max)", "test acc % mean (min-max)",
+              "gap closed % (val)", "gap closed % (test)"]
+    return common.format_table(body, header)
 
 
 def run(args):
@@ -259,11 +358,14 @@ def run(args):
     budget, runs = plan(args)
     done, failed = execute(runs, args.parallel)
     results = [summarize_run(r, done) for r in runs]
+    summary = aggregate(results)
     payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
-               "settings": {"parallel": args.parallel, "out": args.out}, "results": results}
+               "settings": {"parallel": args.parallel, "out": args.out}, "results": results, "summary": summary}
     print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
-          f"(0 = all), batch {budget['batch_size']}, config {budget['config']}")
+          f"(0 = all), batch {budget['batch_size']}, validation_split {budget['validation_split']}, "
+          f"config {budget['config']}")
     print(table(results))
+    print(summary_table(summary))
     if args.json:
         common.write_json(args.json, payload)
     if failed:

@@ -44,6 +44,9 @@ def add_arguments(parser):
     parser.add_argument("--jit", default=",".join(JIT), help="XLA off, on, or both (default: %(default)s)")
     parser.add_argument("--kd_alpha", type=float, default=0.0,
                         help="KD weight of the RD steps; > 0 adds a teacher forward (default: 0, the trainer's)")
+    parser.add_argument("--hybrid_points", default="stages",
+                        help="where the RD steps' hybrid paths start: stages, every_k_blocks:K or a list of "
+                             "block numbers (default: %(default)s, one path per stage boundary)")
     parser.add_argument("--runs", type=int, default=20, help="most timed rounds (default: %(default)s)")
     parser.add_argument("--min_runs", type=int, default=3, help="fewest timed rounds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1,
@@ -74,6 +77,7 @@ def _settings(args):
         "warmup": int(common.check_positive(args.warmup, "--warmup", allow_zero=True)),
         "budget_s": float(common.check_positive(args.budget_s, "--budget_s", allow_zero=True)),
         "timeout_s": float(common.check_positive(args.timeout_s, "--timeout_s")),
+        "hybrid_points": args.hybrid_points,
         "quick": bool(args.quick),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": True,
                       "weight_decay": WEIGHT_DECAY},
@@ -115,7 +119,7 @@ def build_step(kind, pair, settings, precision, jit):
     else:
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
-        tails = hybrid.teacher_tails(teacher)
+        paths = hybrid.build_paths(plain, teacher, settings["hybrid_points"])
         trained = [plain, teacher] if joint else [plain]
         updates = [distill.Update("total", _optimizer(precision), plain.trainable_variables)]
         if joint:
@@ -123,7 +127,7 @@ def build_step(kind, pair, settings, precision, jit):
         blend = tf.constant(1.0)  # m(t): its value does not change the work done
 
         def loss_fn(x, y):
-            return distill.distill_losses(plain, teacher, tails, x, y, blend=blend, cfg=cfg, joint=joint)
+            return distill.distill_losses(paths, teacher, x, y, blend=blend, cfg=cfg, joint=joint)
     for u in updates:
         u.optimizer.build(u.variables)
     state = [v for m in trained for v in m.non_trainable_variables]
@@ -210,6 +214,11 @@ def run(args):
     if len(pairs) != 1:
         raise common.FlagError(f"--arch must name one architecture, got {args.arch!r}.")
     pair = pairs[0]
+    from rd_keras import architectures, hybrid
+    try:
+        hybrid.hybrid_points(architectures.block_output_names(args.arch), args.hybrid_points, args.arch)
+    except ValueError as e:
+        raise common.FlagError(f"--hybrid_points: {e}") from None
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     combos = [(p, j == "on") for p in settings["precisions"] for j in settings["jit"]]
     results = [bench_combination(pair, settings, p, j) for p, j in common.progress(combos, "combinations")]

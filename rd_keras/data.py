@@ -58,6 +58,7 @@ class DatasetInfo:
     eval_examples: int
     mean: tuple
     std: tuple
+    eval_split: str = "test"  # "validation" when `validation_split` holds out part of the train split
 
 
 def default_data_config():
@@ -76,6 +77,7 @@ def default_data_config():
         "augment": "cifar",
         "train_subset": 0,  # 0 = all; else the first n examples
         "eval_subset": 0,
+        "validation_split": 0.0,  # > 0: evaluate on the last fraction of the train examples, test only at the end
         "cache": True,  # in memory, after decoding: turn off for ImageNet-sized data
         "shuffle_buffer": 10_000,
         "seed": 0,
@@ -303,6 +305,9 @@ def check_config(cfg):
     for field in ("train_subset", "eval_subset"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ValueError(f"`{field}` must be an integer >= 0. Received: {field}={cfg[field]!r}")
+    if not isinstance(cfg.validation_split, (int, float)) or not 0 <= cfg.validation_split < 1:
+        raise ValueError(f"`validation_split` must be a fraction in [0, 1). "
+                         f"Received: validation_split={cfg.validation_split!r}")
     if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 1):
         raise ValueError(f"`image_size` must be None or a positive integer. "
                          f"Received: image_size={cfg.image_size!r}")
@@ -401,7 +406,17 @@ def pipelines(config):
     cfg = config.data
     check_config(cfg)
     train, train_count, num_classes = _load(cfg, "train", cfg.train_subset)
-    evals, eval_count, _ = _load(cfg, "test", cfg.eval_subset)
+    if cfg.validation_split:
+        # As keras' `fit(validation_split=...)`: the last fraction of the examples, before any shuffling.
+        held_out = int(round(train_count * cfg.validation_split))
+        if not 0 < held_out < train_count:
+            raise ValueError(f"`validation_split` holds out {held_out} of {train_count} train examples; "
+                             f"both parts must be non-empty. Received: validation_split={cfg.validation_split}")
+        evals, train = train.skip(train_count - held_out), train.take(train_count - held_out)
+        evals = evals.take(cfg.eval_subset) if cfg.eval_subset else evals
+        eval_count, train_count = min(held_out, cfg.eval_subset or held_out), train_count - held_out
+    else:
+        evals, eval_count, _ = _load(cfg, "test", cfg.eval_subset)
     image_shape = _image_shape(train, cfg)
     mean, std = _stats(cfg, image_shape[-1])
     if train_count < cfg.batch_size:
@@ -409,7 +424,16 @@ def pipelines(config):
                          f"empty. Received: batch_size={cfg.batch_size}")
     passes = TrainPasses(_train_examples(train, cfg), cfg, mean, std, train_count // cfg.batch_size)
     eval_ds = _normalize_batches(_eval_pipeline(evals, cfg).batch(cfg.batch_size), mean, std)
-    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std)
+    split = "validation" if cfg.validation_split else "test"
+    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std, split)
+
+
+def test_dataset(config, info):
+    """`(test batches, count)`, normalised like the eval batches of `pipelines(config)` (whose `info` is
+    given): for the one final test evaluation of a run that chose on a validation split."""
+    cfg = config.data
+    ds, count, _ = _load(cfg, "test", cfg.eval_subset)
+    return _normalize_batches(_eval_pipeline(ds, cfg).batch(cfg.batch_size), info.mean, info.std), count
 
 
 def datasets(config):

@@ -5,6 +5,9 @@ RD objective of the plain (student) net, per global batch:
     total = CE(y, plain) + m(t) * sum_i [CE(y, hybrid_i) + kd_alpha * T^2 * KL(p_teacher^T || p_hybrid_i^T)]
             + weight decay of the plain net
 
+With `normalize` the cross-entropy part is divided by the number of paths (hybrid paths + the plain one), as
+the paper's official code averages its losses; weight decay is not divided.
+
 The hybrid terms are differentiated w.r.t. the plain variables only: they never move the teacher, but their
 gradient reaches the plain net's early stages *through* the teacher's later stages. In `joint` mode the
 teacher is trained at the same time on its own CE (+ its own weight decay) by its own optimizer.
@@ -15,11 +18,10 @@ gradients summed across replicas by the optimizer equal the single-device gradie
 """
 
 import dataclasses
+import re
 
 import keras
 import tensorflow as tf
-
-from rd_keras import hybrid
 
 SUM = tf.distribute.ReduceOp.SUM
 
@@ -33,6 +35,7 @@ class LossConfig:
     weight_decay: float = 0.0
     temperature: float = 4.0
     kd_alpha: float = 0.0
+    normalize: bool = False
 
     def __post_init__(self):
         if not isinstance(self.global_batch_size, int) or self.global_batch_size < 1:
@@ -96,29 +99,30 @@ def supervised_losses(model, images, labels, cfg: LossConfig):
     return terms
 
 
-def distill_losses(plain, teacher, tails, images, labels, *, blend, cfg: LossConfig, joint: bool):
+def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, joint: bool):
     """Terms of an RD step: `total` is the plain net's objective, `teacher_total` (joint mode) the teacher's.
 
-    Hybrid path i (one per stage boundary) gives `hybrid_ce_{i}` and, when kd_alpha > 0, `kd_{i}`.
+    `paths` is a `hybrid.HybridPaths`; hybrid path i gives `hybrid_ce_{i}` and, when kd_alpha > 0, `kd_{i}`.
     """
     def mean(per_example):
         return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
 
-    out = plain(images, training=True)
+    out = paths.taps(images, training=True)
     terms = {"plain_ce": mean(cross_entropy(labels, out["logits"])),
-             "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(plain, cfg.weight_decay)),
+             "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(paths.taps, cfg.weight_decay)),
              "train_acc": mean(_accuracy(labels, out["logits"]))}
     soft_targets = None
     if cfg.kd_alpha > 0:
         soft_targets = tf.stop_gradient(teacher(images, training=False)["logits"])
     hybrid_sum = tf.constant(0.0)
-    for i, logits in enumerate(hybrid.hybrid_logits(tails, out), start=1):
+    for i, logits in enumerate(paths.logits(out), start=1):
         terms[f"hybrid_ce_{i}"] = mean(cross_entropy(labels, logits))
         hybrid_sum += terms[f"hybrid_ce_{i}"]
         if soft_targets is not None:
             terms[f"kd_{i}"] = mean(kd_loss(soft_targets, logits, cfg.temperature))
             hybrid_sum += cfg.kd_alpha * terms[f"kd_{i}"]
-    terms["total"] = terms["plain_ce"] + blend * hybrid_sum + terms["weight_decay"]
+    scale = 1.0 / (len(paths.points) + 1) if cfg.normalize else 1.0
+    terms["total"] = scale * (terms["plain_ce"] + blend * hybrid_sum) + terms["weight_decay"]
     if joint:
         teacher_logits = teacher(images, training=True)["logits"]
         terms["teacher_ce"] = mean(cross_entropy(labels, teacher_logits))
@@ -149,8 +153,56 @@ def _apply_if(finite, apply_fn, grads):
     tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads))
 
 
+def stage_of(variable) -> str:
+    """The part of a built net a variable belongs to: `stem`, `stage{i}` or `logits` (from its layer name)."""
+    match = re.match(r"(stem|stage\d+|logits)", variable.path.split("/")[-2] if "/" in variable.path else "")
+    return match.group(1) if match else "other"
+
+
+def is_diagnostic_step(step, every):
+    """Whether the step numbered `step` (before its increment) computes gradient norms: the last step
+    before each log point, so that every logged interval carries exactly one measurement."""
+    return (step + 1) % every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GradNorms:
+    """Per-stage gradient norms of some loss terms w.r.t. one net's variables, every `every` steps.
+
+    `sources` maps a label to the term names summed into it, e.g. {"plain": ["plain_ce"], "hybrid":
+    ["hybrid_ce_1", "hybrid_ce_2"]}: the norm of d(sum)/d(variables of stage s) is reported as
+    `grad_norm/{label}/{s}`. The norm is of each replica's gradient on its own batch, averaged over
+    replicas (on one device: the gradient of the batch). Unweighted by m(t), so that the plain and hybrid
+    sources can be compared as the blend decays."""
+
+    variables: list
+    sources: dict
+    every: int
+
+    def keys(self):
+        stages = sorted({stage_of(v) for v in self.variables})
+        return [f"grad_norm/{label}/{stage}" for label in self.sources for stage in stages]
+
+    def measure(self, tape, terms, scale):
+        by_stage = {}
+        for v in self.variables:
+            by_stage.setdefault(stage_of(v), []).append(v)
+        out = {}
+        for label, names in self.sources.items():
+            # A list of targets: their gradients are summed (a sum op built here would be off the tape).
+            grads = tape.gradient([terms[n] for n in names], self.variables)
+            squares = {}
+            for v, g in zip(self.variables, grads):
+                if g is not None:
+                    squares.setdefault(stage_of(v), []).append(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))))
+            for stage in sorted(by_stage):
+                total = tf.add_n(squares[stage]) if stage in squares else tf.constant(0.0)
+                out[f"grad_norm/{label}/{stage}"] = scale * tf.sqrt(total)
+        return out
+
+
 def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), nan_skip=False,
-                     jit_compile=False, extras_fn=None):
+                     jit_compile=False, extras_fn=None, grad_norms=None):
     """A tf.function `train_step(iterator) -> dict of scalars` doing one update of every `Update`.
 
     `loss_fn(images, labels)` returns per-replica terms (see `distill_losses`). `state_variables` (BN moving
@@ -158,6 +210,8 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     on its own, and without this the replicas' statistics drift apart. With `nan_skip`, a step whose losses
     or gradients are not all finite changes nothing (weights, optimizer slots, BN statistics) and reports
     `skipped=1`. `extras_fn(step)` adds unreduced scalars (learning rate, blend). `step` is incremented.
+    With `grad_norms` (a `GradNorms`), steps for which `is_diagnostic_step` holds also report its
+    `grad_norm/...` values (zeros on the other steps, which the loop ignores).
     """
     if not updates:
         raise ValueError("build_train_step needs at least one Update.")
@@ -165,18 +219,26 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     sync_state = strategy.num_replicas_in_sync > 1
 
     @tf.function(jit_compile=jit_compile)
-    def forward_backward(images, labels):
-        with tf.GradientTape(persistent=len(updates) > 1) as tape:
+    def forward_backward(images, labels, diagnose):
+        with tf.GradientTape(persistent=len(updates) > 1 or grad_norms is not None) as tape:
             terms = loss_fn(images, labels)
             objectives = [u.optimizer.scale_loss(terms[u.objective]) if _loss_scaled(u.optimizer)
                           else terms[u.objective] for u in updates]
         grads = [tape.gradient(obj, u.variables) for obj, u in zip(objectives, updates)]
-        return terms, grads
+        norms = {}
+        if grad_norms is not None:
+            # Each replica's terms are its share of the global mean: rescale to its own batch's gradient.
+            scale = float(strategy.num_replicas_in_sync)
+            norms = tf.cond(diagnose, lambda: grad_norms.measure(tape, terms, scale),
+                            lambda: {k: tf.constant(0.0) for k in grad_norms.keys()})
+        return terms, grads, norms
 
     def replica_step(images, labels):
         ctx = tf.distribute.get_replica_context()
         before = [tf.identity(v) for v in state_variables] if nan_skip else None
-        terms, grads = forward_backward(images, labels)
+        diagnose = (tf.constant(False) if grad_norms is None
+                    else tf.equal((step + 1) % grad_norms.every, 0))
+        terms, grads, norms = forward_backward(images, labels, diagnose)
 
         def apply(grads):
             for u, g in zip(updates, grads):
@@ -205,13 +267,14 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
                 values = [tf.where(finite, new, old) for new, old in zip(values, before)]
             for v, value in zip(state_variables, values):
                 v.assign(value)
-        return terms, 1.0 - tf.cast(finite, tf.float32)
+        return terms, norms, 1.0 - tf.cast(finite, tf.float32)
 
     @tf.function
     def train_step(iterator):
         images, labels = next(iterator)
-        terms, skipped = strategy.run(replica_step, args=(images, labels))
+        terms, norms, skipped = strategy.run(replica_step, args=(images, labels))
         out = {k: strategy.reduce(SUM, v, axis=None) for k, v in terms.items()}
+        out.update({k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in norms.items()})
         if nan_skip:
             out["skipped"] = strategy.reduce(tf.distribute.ReduceOp.MEAN, skipped, axis=None)
         if extras_fn is not None:
@@ -222,18 +285,19 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     return train_step
 
 
-def build_eval_step(strategy, model, teacher=None, tails=()):
+def build_eval_step(strategy, model, teacher=None, paths=None):
     """A tf.function `eval_step(distributed_batch) -> dict of sums over the global batch`: `count`,
-    `correct` and `ce` of `model`, plus `teacher_correct` and `hybrid_correct_{i}` when a teacher is given."""
+    `correct` and `ce` of `model`, plus `teacher_correct` and `hybrid_correct_{i}` when a teacher and its
+    `hybrid.HybridPaths` are given."""
     def replica_step(images, labels):
-        out = model(images, training=False)
+        out = (model if paths is None else paths.taps)(images, training=False)
         sums = {"count": tf.cast(tf.shape(labels)[0], tf.float32),
                 "correct": tf.reduce_sum(_accuracy(labels, out["logits"])),
                 "ce": tf.reduce_sum(cross_entropy(labels, out["logits"]))}
         if teacher is not None:
             teacher_logits = teacher(images, training=False)["logits"]
             sums["teacher_correct"] = tf.reduce_sum(_accuracy(labels, teacher_logits))
-            for i, logits in enumerate(hybrid.hybrid_logits(tails, out), start=1):
+            for i, logits in enumerate(paths.logits(out), start=1):
                 sums[f"hybrid_correct_{i}"] = tf.reduce_sum(_accuracy(labels, logits))
         return sums
 

@@ -1,35 +1,107 @@
-"""Hybrid paths: the plain net's first i stages followed by the teacher ResNet's remaining stages.
+"""Hybrid paths: the plain net's first layers followed by the teacher ResNet's remaining layers.
 
-For a network with N stages there are N-1 stage boundaries, and hybrid path i (1 <= i < N) is
+A hybrid path starts at a *hybrid point*, the output of one residual block. Every block boundary has the
+same shape in the ResNet and its plain twin, so for a point after block b
 
-    logits_i = teacher[stage i+1 .. logits](plain[input .. stage i](x)).
+    logits_b = teacher[block b+1 .. logits](plain[input .. block b](x)).
+
+`distill.hybrid_points` chooses the points: `stages` (the stage boundaries, the paper's default),
+`every_k_blocks:K`, or an explicit list of block numbers (1-based, counted across stages, as the official
+code's `dis_point`). More points give the plain net's early layers more short gradient paths, at the cost of
+one teacher tail (forward and backward) each.
 
 The tails are Keras sub-models cut out of the teacher's functional graph, so they share the teacher's layers
 and weights: nothing is copied, and a teacher update is immediately seen by every tail. The plain forward is
-computed once (its dict output holds every boundary tensor) and each tail is applied to it.
+computed once (`HybridPaths.taps` exposes every point's tensor next to the logits) and each tail is applied to it.
 """
+
+import dataclasses
+import re
 
 import keras
 
 from rd_keras import architectures
 
+STAGES = "stages"
 
-def teacher_tails(teacher) -> list:
-    """[tail_1, ..., tail_{N-1}]: tail_i maps the `stage{i}` tensor to the teacher's logits."""
-    stages = architectures.num_stages(teacher)
-    if stages < 2:
+
+def block_outputs(model) -> list[str]:
+    """Names of the layers that end each residual block, in order: `stage{i}_block{j}_out`, or `stage{i}`
+    for the last block of stage i (as `architectures.build` names them)."""
+    names = [layer.name for layer in model.layers]
+    out = [n for n in names if re.fullmatch(r"stage\d+(_block\d+_out)?", n)]
+
+    def order(name):
+        stage, block = re.fullmatch(r"stage(\d+)(?:_block(\d+)_out)?", name).groups()
+        return int(stage), int(block) if block else float("inf")
+
+    return sorted(out, key=order)
+
+
+def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str]:
+    """The layer names where hybrid paths start, for `spec` = "stages", "every_k_blocks:K" or "b1,b2,...",
+    given the block-output names of a net (`block_outputs(model)` or `architectures.block_output_names`).
+
+    Points lie strictly before the last block: a path from there would be the plain net itself."""
+    usable = len(blocks) - 1
+    spec = str(spec).strip()
+    if spec == STAGES:
+        chosen = [i for i, name in enumerate(blocks[:-1], start=1) if "_block" not in name]
+    elif spec.startswith("every_k_blocks:"):
+        k = spec.partition(":")[2]
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"distill.hybrid_points: every_k_blocks needs a positive integer K. "
+                             f"Received: hybrid_points={spec!r}")
+        chosen = list(range(int(k), usable + 1, int(k)))
+    elif re.fullmatch(r"\d+(\s*,\s*\d+)*", spec):
+        chosen = sorted({int(b) for b in spec.split(",")})
+        if chosen[0] < 1 or chosen[-1] > usable:
+            raise ValueError(f"distill.hybrid_points: block numbers must be in 1..{usable} for "
+                             f"{name!r} ({len(blocks)} blocks). Received: hybrid_points={spec!r}")
+    else:
+        raise ValueError(f"distill.hybrid_points must be 'stages', 'every_k_blocks:K' or a comma-separated "
+                         f"list of block numbers. Received: hybrid_points={spec!r}")
+    if not chosen:
+        raise ValueError(f"distill.hybrid_points={spec!r} gives no hybrid path for {name!r} "
+                         f"({len(blocks)} blocks).")
+    return [blocks[i - 1] for i in chosen]
+
+
+def teacher_tails(teacher, points) -> list:
+    """[tail_1, ..., tail_n]: tail_i maps the tensor at `points[i-1]` to the teacher's logits."""
+    if architectures.num_stages(teacher) < 2:
         raise ValueError(f"Hybrid paths need a teacher with at least 2 stages; {teacher.name!r} has "
-                         f"{stages}.")
+                         f"{architectures.num_stages(teacher)}.")
     logits = teacher.get_layer("logits").output
-    return [keras.Model(teacher.get_layer(f"stage{i}").output, logits, name=f"{teacher.name}_tail{i}")
-            for i in range(1, stages)]
+    return [keras.Model(teacher.get_layer(p).output, logits, name=f"{teacher.name}_tail_{p}") for p in points]
 
 
-def hybrid_logits(tails, plain_outputs) -> list:
-    """Logits of every hybrid path, given the plain net's dict output.
+@dataclasses.dataclass(frozen=True)
+class HybridPaths:
+    """Everything an RD step needs of the hybrid paths.
 
-    The tails run in inference mode: the teacher's BatchNorm uses its moving statistics, so plain-net
-    features never leak into the teacher's statistics. Gradients still flow through the tails into the
-    plain net's early stages, which is what the hybrid losses are for.
-    """
-    return [tail(plain_outputs[f"stage{i}"], training=False) for i, tail in enumerate(tails, start=1)]
+    `taps` is the plain net with a dict output holding its own outputs plus the tensor at every hybrid
+    point (shared layers, no copy): one call gives the plain logits and every hybrid path's input."""
+
+    points: tuple
+    tails: tuple
+    taps: keras.Model
+
+    def logits(self, plain_outputs) -> list:
+        """Logits of every hybrid path, given the dict output of `taps`.
+
+        The tails run in inference mode: the teacher's BatchNorm uses its moving statistics, so plain-net
+        features never leak into the teacher's statistics. Gradients still flow through the tails into the
+        plain net's early layers, which is what the hybrid losses are for.
+        """
+        return [tail(plain_outputs[p], training=False) for p, tail in zip(self.points, self.tails)]
+
+
+def build_paths(plain, teacher, spec: str = STAGES) -> HybridPaths:
+    """The hybrid paths from `plain` into `teacher` at the points `spec` chooses (see `hybrid_points`)."""
+    points = tuple(hybrid_points(block_outputs(teacher), spec, teacher.name))
+    outputs = dict(plain.output)
+    for p in points:
+        outputs.setdefault(p, plain.get_layer(p).output)
+    taps = keras.Model(plain.input, outputs, name=f"{plain.name}_taps")
+    return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps)

@@ -55,7 +55,8 @@ def _mean(values):
 class TrainLoop:
     """Runs `setup` (see `train_lib.build_setup`) from the newest checkpoint in `workdir` to the end."""
 
-    def __init__(self, config, workdir, setup, *, strategy, chief, steps_per_epoch, num_eval_examples):
+    def __init__(self, config, workdir, setup, *, strategy, chief, steps_per_epoch, num_eval_examples,
+                 eval_split="test"):
         self.config, self.workdir, self.setup, self.chief = config, workdir, setup, chief
         self.task = checkpointing.task_name(strategy)
         # Host-side decisions all workers must share go through a collective; one worker decides alone.
@@ -63,7 +64,8 @@ class TrainLoop:
             strategy, tf.distribute.MultiWorkerMirroredStrategy) else None
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.train.epochs * steps_per_epoch
-        self.num_eval_examples = num_eval_examples
+        self.num_eval_examples, self.eval_split = num_eval_examples, eval_split
+        self._test_data = None
         self._pending = []  # (step, {term: device scalar}) not yet fetched
         self._epoch_terms = {}  # term -> host values since the last evaluation
         self._skipped = 0
@@ -102,6 +104,8 @@ class TrainLoop:
                     f"Non-finite loss at step {step}: {terms}. Stopped (train.nan_policy='stop'); the "
                     f"newest checkpoint, {self._checkpointer.latest() or 'none yet'}, predates it. Lower "
                     "train.lr or set train.nan_policy='skip'.")
+            if not distill.is_diagnostic_step(step, self.config.train.log_every_steps):
+                values = {k: v for k, v in values.items() if not k.startswith("grad_norm/")}
             for k, v in values.items():
                 interval.setdefault(k, []).append(v)
                 self._epoch_terms.setdefault(k, []).append(v)
@@ -161,14 +165,18 @@ class TrainLoop:
                   "loss": result["loss"], f"{role}_acc": result["acc"]}
         if "teacher_acc" in result:
             record.update(teacher_acc=result["teacher_acc"], hybrid_acc=result["hybrid_acc"])
+        if step == self.total_steps and self._test_data is not None:
+            # Runs that choose on a validation split see the test set once, at the very end.
+            test = distill.evaluate(self.setup.eval_step, self._test_data)
+            record.update({f"test_{k}": v for k, v in test.items()})
         return record
 
     def _log_eval(self, record):
         with self._eval_writer.as_default(step=record["step"]):
             for k, v in record.items():
-                if k == "hybrid_acc":
+                if k.endswith("hybrid_acc"):
                     for i, acc in enumerate(v, start=1):
-                        tf.summary.scalar(f"hybrid_acc_stage{i}", acc)
+                        tf.summary.scalar(f"{k}_stage{i}", acc)
                 elif k not in ("step", "epoch"):
                     tf.summary.scalar(k, v)
         train_means = {k: _mean(v) for k, v in self._epoch_terms.items()}
@@ -176,20 +184,22 @@ class TrainLoop:
         if self.chief:
             with open(os.path.join(self.workdir, checkpointing.METRICS_FILE), "a") as f:
                 f.write(json.dumps({**record, **train_means}, sort_keys=True) + "\n")
-        accs = [f"{k}={v:.4f}" for k, v in record.items() if k.endswith("_acc") and k != "hybrid_acc"]
-        if "hybrid_acc" in record:
-            accs.append(f"hybrid_acc=[{', '.join(f'{a:.4f}' for a in record['hybrid_acc'])}]")
+        accs = [f"{k}=[{', '.join(f'{a:.4f}' for a in v)}]" if isinstance(v, list) else f"{k}={v:.4f}"
+                for k, v in record.items() if k.endswith("_acc")]
         self._print(f"eval at step {record['step']} (epoch {record['epoch']}): {', '.join(accs)}, "
                     f"loss={record['loss']:.4f}")
 
     # ------------------------------------------------------------------ main loop
 
-    def run(self, train_data, eval_data):
+    def run(self, train_data, eval_data, test_data=None):
         """Trains to the end; returns the final evaluation record, or None when `train.steps_per_run`
         stopped this invocation early (after a checkpoint). SIGTERM checkpoints, then exits with 143.
 
         `train_data(step)` gives the distributed batches from global step `step` to the end of its epoch;
-        `eval_data` is a distributed dataset."""
+        `eval_data` is a distributed dataset, and so is `test_data` (when `eval_data` is a validation split),
+        evaluated only at the last step into `test_acc`, `test_loss` (and `test_teacher_acc`,
+        `test_hybrid_acc`)."""
+        self._test_data = test_data
         self._checkpointer = checkpointing.Checkpointer(self.workdir, self.setup.checkpoint_objects,
                                                         chief=self.chief,
                                                         max_to_keep=self.config.train.keep_checkpoints)
@@ -277,8 +287,11 @@ class TrainLoop:
             rows.append((f"teacher ({self.setup.teacher.name}{frozen})", record["teacher_acc"]))
             rows += [(f"hybrid {i} (plain up to stage{i}, then teacher)", acc)
                      for i, acc in enumerate(record["hybrid_acc"], start=1)]
+        if "test_acc" in record:
+            rows.append(("plain on the test split" if distilled else "on the test split", record["test_acc"]))
         width = max(len(name) for name, _ in rows)
-        lines = [f"Final evaluation at step {record['step']} on {self.num_eval_examples} examples:",
+        lines = [f"Final evaluation at step {record['step']} on {self.num_eval_examples} {self.eval_split} "
+                 "examples:",
                  f"  {'model':<{width}}  accuracy", *(f"  {name:<{width}}  {acc:.4f}" for name, acc in rows),
                  f"  {'eval loss (CE)':<{width}}  {record['loss']:.4f}"]
         self._print("\n".join(lines))

@@ -78,7 +78,8 @@ def validate(config):
            f"train.epochs={t.epochs!r}.")
     _number(t.seed, "train.seed", 0, integer=True)
     for key, value in (("model.dirac", m.dirac), ("train.nesterov", t.nesterov), ("train.progress", t.progress),
-                       ("train.deterministic", t.deterministic), ("train.jit_compile", t.jit_compile)):
+                       ("train.deterministic", t.deterministic), ("train.jit_compile", t.jit_compile),
+                       ("train.grad_norms", t.grad_norms), ("distill.normalize", d.normalize)):
         _check(isinstance(value, bool), f"config.{key} must be True or False, got {value!r}.")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _number(t[key], f"train.{key}", 1, integer=True)
@@ -100,6 +101,10 @@ def validate(config):
         _number(d.blend_epochs, "distill.blend_epochs", 0)
         _check(architectures.get_spec(m.arch).blocks[1:],
                f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
+        try:
+            hybrid.hybrid_points(architectures.block_output_names(m.arch), d.hybrid_points, m.arch)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None
 
 
 def make_strategy(name):
@@ -159,12 +164,15 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
                                    dirac=m.dirac)
 
     loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
-                                  temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha)
+                                  temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
+                                  normalize=config.distill.normalize)
     extras = {"lr": lr_fn}
     if t.mode == "supervised":
         model, resnet = net(m.supervised_shortcuts), None
         trained = {"resnet" if m.supervised_shortcuts == "all" else "plain": model}
         objectives = ["total"]
+        sources = {"ce": ["ce"]}
+        diagnosed = model
 
         def loss_fn(images, labels):
             return distill.supervised_losses(model, images, labels, loss_cfg)
@@ -175,16 +183,18 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
         plain = net(m.student_shortcuts)
         resnet = net("all") if joint else teacher.load(
             teacher_source, model_config=m, num_classes=info.num_classes, input_shape=info.image_shape)
-        tails = hybrid.teacher_tails(resnet)
+        paths = hybrid.build_paths(plain, resnet, config.distill.hybrid_points)
         trained = {"plain": plain, "resnet": resnet} if joint else {"plain": plain}
         objectives = ["total", "teacher_total"] if joint else ["total"]
         extras["blend"] = blend
+        sources = {"plain": ["plain_ce"], "hybrid": [f"hybrid_ce_{i}" for i in range(1, len(paths.points) + 1)]}
+        diagnosed = plain
 
         def loss_fn(images, labels):
-            return distill.distill_losses(plain, resnet, tails, images, labels, blend=blend(step),
-                                          cfg=loss_cfg, joint=joint)
+            return distill.distill_losses(paths, resnet, images, labels, blend=blend(step), cfg=loss_cfg,
+                                          joint=joint)
 
-        eval_step = distill.build_eval_step(strategy, plain, resnet, tails)
+        eval_step = distill.build_eval_step(strategy, plain, resnet, paths)
     # One optimizer per trained net: each applies only its own net's gradients.
     updates = [distill.Update(objective, _optimizer(config, lr_fn), model.trainable_variables)
                for objective, model in zip(objectives, trained.values())]
@@ -193,7 +203,9 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
     train_step = distill.build_train_step(
         strategy, loss_fn, updates, step=step, nan_skip=t.nan_policy == "skip", jit_compile=t.jit_compile,
         state_variables=[v for model in trained.values() for v in model.non_trainable_variables],
-        extras_fn=lambda s: {k: f(s) for k, f in extras.items()})
+        extras_fn=lambda s: {k: f(s) for k, f in extras.items()},
+        grad_norms=distill.GradNorms(diagnosed.trainable_variables, sources, t.log_every_steps)
+        if t.grad_norms else None)
     objects = {"step": step, "epoch": epoch, **trained,
                **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}
     return Setup(trained, resnet, train_step, eval_step, objects, step, epoch)
@@ -242,13 +254,16 @@ def run(config, workdir):
                 workdir, config, dataset=dataclasses.asdict(info),
                 run={"steps_per_epoch": steps_per_epoch, "total_steps": config.train.epochs * steps_per_epoch,
                      "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming})
-        loop = TrainLoop(config, workdir, setup, strategy=strategy, chief=chief,
-                         steps_per_epoch=steps_per_epoch, num_eval_examples=info.eval_examples)
+        loop = TrainLoop(config, workdir, setup, strategy=strategy, chief=chief, steps_per_epoch=steps_per_epoch,
+                         num_eval_examples=info.eval_examples, eval_split=info.eval_split)
+        test_data = None
+        if info.eval_split == "validation":
+            test_data = _distribute(strategy, data.test_dataset(config, info)[0])
 
         def train_data(step):  # from global step `step` to the end of its epoch
             return _distribute(strategy, passes.one_pass(step // steps_per_epoch, step % steps_per_epoch))
 
-        record = loop.run(train_data, _distribute(strategy, eval_ds))
+        record = loop.run(train_data, _distribute(strategy, eval_ds), test_data)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     if record is not None and chief and config.export.enabled and "plain" in setup.trained:

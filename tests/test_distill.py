@@ -63,7 +63,7 @@ def test_hybrid_losses_reach_plain_early_stages_through_the_teacher():
     plain, resnet = setup.trained["plain"], setup.trained["resnet"]
     images, labels = batch()
     setup.train_step(one_batch_iterator(images, labels))  # one joint RD step first
-    tails = hybrid.teacher_tails(resnet)
+    paths = hybrid.build_paths(plain, resnet)
 
     def kernels(stage):
         return [v for v in plain.trainable_variables if v.path.startswith(f"{stage}_") and v.path.endswith("kernel")]
@@ -73,10 +73,10 @@ def test_hybrid_losses_reach_plain_early_stages_through_the_teacher():
 
     def hybrid_only_grads(cut):
         with tf.GradientTape() as tape:
-            out = dict(plain(images, training=True))
+            out = dict(paths.taps(images, training=True))
             if cut:  # treat the plain features as constants: the only path left is through nothing
                 out = {k: tf.stop_gradient(v) for k, v in out.items()}
-            logits = hybrid.hybrid_logits(tails, out)
+            logits = paths.logits(out)
             loss = tf.add_n([tf.reduce_mean(distill.cross_entropy(labels, h)) for h in logits])
         return tape.gradient(loss, stage1 + stage3)
 
@@ -89,8 +89,7 @@ def test_hybrid_losses_reach_plain_early_stages_through_the_teacher():
     # total - plain CE - weight decay is the blended hybrid + KD part.
     cfg = distill.LossConfig(global_batch_size=BATCH, kd_alpha=0.5)
     with tf.GradientTape() as tape:
-        terms = distill.distill_losses(plain, resnet, tails, images, labels, blend=1.0, cfg=cfg,
-                                       joint=False)
+        terms = distill.distill_losses(paths, resnet, images, labels, blend=1.0, cfg=cfg, joint=False)
         hybrid_part = terms["total"] - terms["plain_ce"] - terms["weight_decay"]
     assert {"hybrid_ce_1", "hybrid_ce_2", "kd_1", "kd_2"} <= set(terms)
     grads = tape.gradient(hybrid_part, stage1 + stage3)
@@ -286,3 +285,39 @@ def test_mirrored_two_replicas_match_single_device(tmp_path):
     proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "MIRRORED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+# ----------------------------------------------------------------------------- loss scale and diagnostics
+
+
+def test_normalize_divides_the_ce_terms_by_the_number_of_paths():
+    setup = setup_for(small_config(**{"distill.kd_alpha": 0.0}))
+    plain, resnet = setup.trained["plain"], setup.trained["resnet"]
+    paths = hybrid.build_paths(plain, resnet)
+    images, labels = batch()
+    summed, averaged = (distill.distill_losses(paths, resnet, images, labels, blend=0.5, joint=False,
+                                               cfg=distill.LossConfig(global_batch_size=BATCH, weight_decay=1e-3,
+                                                                      normalize=n))
+                        for n in (False, True))
+    ce = summed["plain_ce"] + 0.5 * (summed["hybrid_ce_1"] + summed["hybrid_ce_2"])
+    np.testing.assert_allclose(float(summed["total"]), float(ce + summed["weight_decay"]), rtol=1e-6)
+    np.testing.assert_allclose(float(averaged["total"]), float(ce / 3 + summed["weight_decay"]), rtol=1e-6)
+    assert float(summed["weight_decay"]) > 0
+
+
+def test_grad_norms_per_stage_show_where_each_loss_reaches():
+    config = small_config(**{"distill.kd_alpha": 0.0, "train.log_every_steps": 2, "train.grad_norms": True})
+    setup = setup_for(config)
+    images, labels = batch()
+    first = setup.train_step(one_batch_iterator(images, labels))  # step 0: not a diagnostic step
+    second = setup.train_step(one_batch_iterator(images, labels))  # step 1: (1 + 1) % 2 == 0
+    keys = {k for k in second if k.startswith("grad_norm/")}
+    assert keys == {f"grad_norm/{src}/{part}" for src in ("plain", "hybrid")
+                    for part in ("stem", "stage1", "stage2", "stage3", "logits")}
+    assert all(float(first[k]) == 0.0 for k in keys)
+    for part in ("stem", "stage1", "stage2", "stage3", "logits"):
+        assert float(second[f"grad_norm/plain/{part}"]) > 0
+    # Hybrid paths leave the plain net at stage2 at the latest: its stage3 and classifier get nothing.
+    for part in ("stem", "stage1", "stage2"):
+        assert float(second[f"grad_norm/hybrid/{part}"]) > 0
+    assert float(second["grad_norm/hybrid/stage3"]) == float(second["grad_norm/hybrid/logits"]) == 0.0
