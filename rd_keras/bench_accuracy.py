@@ -264,6 +264,24 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_train_scalars(workdir):
+    """Per log point, the training scalars the run wrote to TensorBoard (`tensorboard/train`): {"step": [...],
+    tag: [...]} for the losses, accuracy, learning rate, blend weight and `grad_norm/...` tags."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard", "train"),
+                                                size_guidance={event_accumulator.TENSORS: 0})
+    events.Reload()
+    by_step = {}
+    for tag in events.Tags()["tensors"]:
+        for e in events.Tensors(tag):
+            by_step.setdefault(e.step, {})[tag] = float(tensor_util.make_ndarray(e.tensor_proto))
+    steps = sorted(by_step)
+    tags = sorted({t for values in by_step.values() for t in values})
+    return {"step": steps, **{t: [by_step[s].get(t) for s in steps] for t in tags}}
+
+
 def curves(records):
     """Learning curves of a run: per evaluation, the trained net's test accuracy and train CE, and for RD
     runs the teacher's test accuracy and the hybrid paths' accuracies."""
@@ -293,7 +311,8 @@ def summarize_run(run, done):
                  wall_s=done[run["name"]]["wall_s"], reused=done[run["name"]]["reused"],
                  command=done[run["name"]]["command"],
                  teacher_acc=last.get("test_teacher_acc" if validated else "teacher_acc"),
-                 teacher_val_acc=last.get("teacher_acc") if validated else None, curves=c)
+                 teacher_val_acc=last.get("teacher_acc") if validated else None, curves=c,
+                 train_curves=read_train_scalars(run["workdir"]))
     return entry
 
 
@@ -307,7 +326,7 @@ def aggregate(results):
             groups.setdefault((r["depth"], r["kind"]), []).append(r)
     rows = []
     for (depth, kind), rs in groups.items():
-        row = {"depth": depth, "kind": kind, "seeds": [r["seed"] for r in rs]}
+        row = {"depth": depth, "kind": kind, "seeds": [r.get("seed", 0) for r in rs]}
         for key in ("test_acc", "val_acc", "teacher_acc", "teacher_val_acc"):
             values = [r[key] for r in rs if r.get(key) is not None]
             if values:

@@ -335,3 +335,29 @@ def run_pairs(command, args, pairs, settings, load_at_start, bench_pair, table):
     if args.json:
         write_json(args.json, payload)
     return payload
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def md_table(rows, header):
+    def cell(v):
+        if v is None:
+            return "–"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(payload):
+    m = payload["machine"]
+    gpus = ", ".join(m["gpus"]) or "no GPU"
+    start, end = m.get("load_average_start"), m.get("load_average_end")
+    load_text = (f"; load average {start:.1f} at the start, {end:.1f} at the end"
+                 if start is not None and end is not None else "")
+    return (f"*Measured {m['date']} on {m['cpu']} ({m['cpu_cores']} cores, {gpus}{load_text}); "
+            f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, ai-edge-litert {m['ai_edge_litert']}.*\n"
+            f"Command: `{m['command']}`")

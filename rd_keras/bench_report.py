@@ -3,7 +3,7 @@
 Reads `<results_dir>/{inference,memory,train_step,accuracy}.json` (any that exist), writes `--out`
 (markdown: machine, budget, date and exact command of every measurement, the tables, and the comparison
 with the paper's claims computed from the numbers) and PNG plots under `--img_dir` (matplotlib, Agg):
-`accuracy_curves.png`, `inference.png`, `memory.png`. Nothing is measured here.
+`accuracy_curves.png`, `grad_norms.png`, `inference.png`, `memory.png`. Nothing is measured here.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 
+from rd_keras import bench_accuracy_report as accuracy_report
 from rd_keras import bench_common as common
+from rd_keras.bench_common import md_table, provenance
 
 FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
          "accuracy": "accuracy.json"}
-RUN_LABELS = {"resnet": "ResNet (supervised)", "plain": "plain (supervised)", "rd_joint": "plain + RD (joint teacher)",
-              "rd_pretrained": "plain + RD (pretrained teacher)"}
 PAPER = {"speedup": 1.4, "memory_ratio": 1.25, "memory_share": 0.40}
 
 
@@ -34,36 +34,6 @@ def load(results_dir):
             with open(path) as f:
                 found[command] = json.load(f)
     return found
-
-
-# ----------------------------------------------------------------------------- markdown helpers
-
-
-def md_table(rows, header):
-    def cell(v):
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def provenance(payload):
-    m = payload["machine"]
-    gpus = ", ".join(m["gpus"]) or "no GPU"
-    start, end = m.get("load_average_start"), m.get("load_average_end")
-    load_text = (f"; load average {start:.1f} at the start, {end:.1f} at the end"
-                 if start is not None and end is not None else "")
-    return (f"*Measured {m['date']} on {m['cpu']} ({m['cpu_cores']} cores, {gpus}{load_text}); "
-            f"TensorFlow {m['tensorflow']}, Keras {m['keras']}, ai-edge-litert {m['ai_edge_litert']}.*\n"
-            f"Command: `{m['command']}`")
-
-
-def _pct(x):
-    return None if x is None else 100 * x
 
 
 # ----------------------------------------------------------------------------- sections
@@ -149,74 +119,11 @@ def train_step_section(payload):
     ])
 
 
-def accuracy_section(payload, img):
-    b = payload["budget"]
-    rows, verdicts = [], []
-    by_depth = {}
-    for r in payload["results"]:
-        by_depth.setdefault(r["depth"], {})[r["kind"]] = r
-        if r.get("failed"):
-            rows.append([r["depth"], RUN_LABELS[r["kind"]], "failed", None, None, None])
-            continue
-        rows.append([r["depth"], RUN_LABELS[r["kind"]], _pct(r["test_acc"]), _pct(r["teacher_acc"]),
-                     r["final_train_ce"], r["wall_s"] / 60])
-    for depth, runs in by_depth.items():
-        verdicts.append(gap_sentence(depth, runs))
-    subset = "all" if not b["train_subset"] else f"the first {b['train_subset']:,}"
-    return "\n\n".join([
-        "## Accuracy: can RD make a plain net match its ResNet?",
-        provenance(payload),
-        f"Budget: {b['epochs']} epochs on {subset} training images, width {b['width']}, batch "
-        f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
-        f"over {b['blend_epochs']:.3g} epochs to {b['blend_floor']}, kd_alpha {b['kd_alpha']}; data "
-        f"`{b['data_source']}` from `{b['config']}`"
-        + (f", overrides {b['overrides']}" if b["overrides"] else "")
-        + ". Every run of a depth has the same epochs and schedule. Test accuracy on the test split after the "
-          "last epoch (one run each: no error bars).",
-        md_table(rows, ["depth", "run", "test acc %", "teacher acc %", "final train CE", "wall min"]),
-        "\n".join(f"- {v}" for v in verdicts),
-        f"![learning curves]({img}/accuracy_curves.png)",
-    ])
-
-
-def gap_sentence(depth, runs):
-    """What the numbers say about one depth: the plain-vs-ResNet gap and how much of it each RD run closed."""
-    def acc(kind):
-        r = runs.get(kind)
-        return None if r is None or r.get("failed") else r["test_acc"]
-
-    resnet, plain = acc("resnet"), acc("plain")
-    if resnet is None or plain is None:
-        return f"Depth {depth}: the supervised ResNet or plain run is missing, so no gap can be computed."
-    gap = resnet - plain
-    parts = [f"Depth {depth}: plain-{depth} alone is {100 * gap:.2f} points behind ResNet-{depth}"
-             if gap >= 0 else f"Depth {depth}: plain-{depth} alone is {-100 * gap:.2f} points *ahead* of "
-                              f"ResNet-{depth} at this budget, so there is no gap for RD to close"]
-    for kind in ("rd_joint", "rd_pretrained"):
-        rd = acc(kind)
-        if rd is None:
-            continue
-        text = f"{RUN_LABELS[kind]} reaches {100 * rd:.2f}% ({100 * (rd - resnet):+.2f} vs ResNet, " \
-               f"{100 * (rd - plain):+.2f} vs plain alone"
-        if gap > 0:
-            closed = (rd - plain) / gap
-            text += f", {100 * closed:.0f}% of the gap closed" if closed >= 0 else \
-                f", the gap widened by {100 * -closed:.0f}%"
-        parts.append(text + ")")
-    return "; ".join(parts) + "."
-
-
 def claims_section(found):
     """The paper's three numbers next to ours, taken from the largest measured pair."""
     rows = []
     if "accuracy" in found:
-        for depth in sorted({r["depth"] for r in found["accuracy"]["results"]}, reverse=True):
-            runs = {r["kind"]: r for r in found["accuracy"]["results"] if r["depth"] == depth and not r.get("failed")}
-            if "resnet" in runs:
-                for kind in ("rd_joint", "rd_pretrained", "plain"):
-                    if kind in runs:
-                        rows.append(["same accuracy", f"plain-{depth} {kind} vs ResNet-{depth}", "≈ 0 points",
-                                     f"{100 * (runs[kind]['test_acc'] - runs['resnet']['test_acc']):+.2f} points"])
+        rows += accuracy_report.claim_rows(found["accuracy"])
     if "inference" in found:
         for r in found["inference"]["results"]:
             if r["resnet"] != "resnet50":
@@ -245,36 +152,6 @@ def claims_section(found):
 
 
 # ----------------------------------------------------------------------------- plots
-
-
-def plot_accuracy(payload, path):
-    import matplotlib.pyplot as plt
-
-    depths = sorted({r["depth"] for r in payload["results"]}, reverse=True)
-    fig, axes = plt.subplots(2, len(depths), figsize=(5.5 * len(depths), 7), squeeze=False)
-    for col, depth in enumerate(depths):
-        for r in payload["results"]:
-            if r["depth"] != depth or r.get("failed"):
-                continue
-            c = r["curves"]
-            line, = axes[0][col].plot(c["epoch"], [100 * a for a in c["test_acc"]], marker="o",
-                                      label=RUN_LABELS[r["kind"]])
-            if r["kind"] == "rd_joint" and c.get("teacher_acc"):
-                axes[0][col].plot(c["epoch"], [100 * a for a in c["teacher_acc"]], ls=":", color=line.get_color(),
-                                  label="its joint teacher")
-            axes[1][col].plot(c["epoch"], c["train_ce"], marker="o", label=RUN_LABELS[r["kind"]])
-        axes[0][col].set(title=f"depth {depth}: test accuracy", xlabel="epoch", ylabel="%")
-        axes[1][col].set(title=f"depth {depth}: train cross-entropy of the trained net", xlabel="epoch",
-                         ylabel="CE", yscale="log")
-        for ax in axes[:, col]:
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    b = payload["budget"]
-    fig.suptitle(f"{b['config']}: {b['epochs']} epochs, width {b['width']}, train subset "
-                 f"{b['train_subset'] or 'all'}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_inference(payload, path):
@@ -355,8 +232,9 @@ def run(args):
     if claims:
         sections.append(claims)
     if "accuracy" in found:
-        plot_accuracy(found["accuracy"], os.path.join(args.img_dir, "accuracy_curves.png"))
-        sections.append(accuracy_section(found["accuracy"], img))
+        accuracy_report.plot_curves(found["accuracy"], os.path.join(args.img_dir, "accuracy_curves.png"))
+        accuracy_report.plot_grad_norms(found["accuracy"], os.path.join(args.img_dir, "grad_norms.png"))
+        sections.append(accuracy_report.section(found["accuracy"], img))
     if "inference" in found:
         plot_inference(found["inference"], os.path.join(args.img_dir, "inference.png"))
         sections.append(inference_section(found["inference"], img))

@@ -285,8 +285,8 @@ class TrainLoop:
         if distilled:
             frozen = "" if "resnet" in self.setup.trained else ", pretrained, frozen"
             rows.append((f"teacher ({self.setup.teacher.name}{frozen})", record["teacher_acc"]))
-            rows += [(f"hybrid {i} (plain up to stage{i}, then teacher)", acc)
-                     for i, acc in enumerate(record["hybrid_acc"], start=1)]
+            rows += [(f"hybrid {i} (plain up to {point}, then teacher)", acc)
+                     for i, (point, acc) in enumerate(zip(self.setup.hybrid_points, record["hybrid_acc"]), start=1)]
         if "test_acc" in record:
             rows.append(("plain on the test split" if distilled else "on the test split", record["test_acc"]))
         width = max(len(name) for name, _ in rows)

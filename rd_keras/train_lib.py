@@ -132,6 +132,7 @@ class Setup:
     checkpoint_objects: dict
     step: tf.Variable
     epoch: tf.Variable
+    hybrid_points: tuple = ()  # layer names where the hybrid paths start (distillation only)
 
 
 def _optimizer(config, lr_fn):
@@ -208,7 +209,8 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
         if t.grad_norms else None)
     objects = {"step": step, "epoch": epoch, **trained,
                **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}
-    return Setup(trained, resnet, train_step, eval_step, objects, step, epoch)
+    return Setup(trained, resnet, train_step, eval_step, objects, step, epoch,
+                 paths.points if t.mode == "distill" else ())
 
 
 def _distribute(strategy, ds):

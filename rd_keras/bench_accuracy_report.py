@@ -1,0 +1,204 @@
+"""The accuracy part of `bench report`: tables, verdicts and plots from a `bench accuracy --json` file.
+
+Runs are grouped by (depth, run name) over seeds: the tables give mean and range, the share of the
+plain-vs-ResNet gap each run closed, and (with a validation split) the validation numbers that choose
+between variants next to the test numbers reported once. Two plots: learning curves, and the per-stage
+gradient norms of the plain net that show why a deep plain net trains slowly and what the hybrid paths add.
+"""
+
+from __future__ import annotations
+
+from rd_keras.bench_common import md_table, provenance
+
+RUN_LABELS = {"resnet": "ResNet (supervised)", "plain": "plain (supervised)", "rd_joint": "plain + RD (joint teacher)",
+              "rd_pretrained": "plain + RD (pretrained teacher)"}
+
+
+def _pct(x):
+    return None if x is None else 100 * x
+
+
+def label(kind):
+    return RUN_LABELS.get(kind, f"variant `{kind}`")
+
+
+def _spread(stat):
+    if not stat:
+        return None
+    if stat["n"] == 1:
+        return f"{100 * stat['mean']:.2f}"
+    return f"{100 * stat['mean']:.2f} ({100 * stat['min']:.2f}–{100 * stat['max']:.2f})"
+
+
+def _summary(payload):
+    # Files written before seeds and variants existed carry no summary: every run is its own group.
+    if "summary" in payload:
+        return payload["summary"]
+    from rd_keras.bench_accuracy import aggregate
+    return aggregate(payload["results"])
+
+
+def section(payload, img):
+    b = payload["budget"]
+    validated = bool(b.get("validation_split"))
+    summary = sorted(_summary(payload), key=lambda r: -r["depth"])
+    rows = [[r["depth"], label(r["kind"]), len(r["seeds"]), _spread(r.get("val_acc")) if validated else None,
+             _spread(r.get("test_acc")), _spread(r.get("teacher_acc")),
+             _pct(r.get("gap_closed_val_acc")) if validated else None, _pct(r.get("gap_closed_test_acc"))]
+            for r in summary]
+    header = ["depth", "run", "seeds", "val acc %", "test acc %", "teacher test acc %", "gap closed % (val)",
+              "gap closed % (test)"]
+    runs = [[r["depth"], r["name"], r.get("seed", 0), "failed" if r.get("failed") else _pct(r.get("val_acc")),
+             _pct(r.get("test_acc")), _pct(r.get("teacher_acc")), r.get("final_train_ce"),
+             None if r.get("failed") else r["wall_s"] / 60] for r in payload["results"]]
+    variants = b.get("variants") or {}
+    subset = "all" if not b["train_subset"] else f"the first {b['train_subset']:,}"
+    held_out = (f" {b['validation_split']:.2%} of them held out as the validation split (the learning curves "
+                "and every choice between variants use it; the test split is evaluated once, at the end of "
+                "each run)" if validated else "")
+    parts = [
+        "## Accuracy: can RD make a plain net match its ResNet?",
+        provenance(payload),
+        f"Budget: {b['epochs']} epochs on {subset} training images{held_out}, width {b['width']}, batch "
+        f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
+        f"over {b['blend_epochs']:.3g} epochs to {b['blend_floor']}, kd_alpha {b['kd_alpha']}; data "
+        f"`{b['data_source']}` from `{b['config']}`"
+        + (f", overrides {b['overrides']}" if b["overrides"] else "")
+        + f". Seeds {b.get('seeds', [0])}: means with the range over seeds in brackets. **gap closed** = "
+          "(run - plain alone) / (ResNet alone - plain alone), from the means; where there is no supervised "
+          "ResNet run, the joint RD runs' teachers (each trained on its own cross-entropy only) stand in.",
+        md_table(rows, header),
+    ]
+    if variants:
+        parts.append("Variants (config overrides on top of the named run):\n\n" + "\n".join(
+            f"- `{name}`: {v['run']} with " + ", ".join(f"`{k}={val}`" for k, val in v.items() if k != "run")
+            for name, v in variants.items()))
+    parts += ["Every run:", md_table(runs, ["depth", "run", "seed", "val acc %", "test acc %",
+                                             "teacher test acc %", "final train CE", "wall min"]),
+              "\n".join(f"- {v}" for v in verdicts(summary)),
+              f"![learning curves]({img}/accuracy_curves.png)"]
+    if any(any(k.startswith("grad_norm/") for k in r.get("train_curves", {})) for r in payload["results"]):
+        parts.append(f"![gradient norms per stage]({img}/grad_norms.png)")
+    return "\n\n".join(parts)
+
+
+def verdicts(summary):
+    """One sentence per depth: the gap, and how far the best RD run (by validation, else test) closed it."""
+    out = []
+    for depth in sorted({r["depth"] for r in summary}, reverse=True):
+        rows = {r["kind"]: r for r in summary if r["depth"] == depth}
+        resnet = rows.get("resnet", {}).get("test_acc") or rows.get("rd_joint", {}).get("teacher_acc")
+        plain = rows.get("plain", {}).get("test_acc")
+        if not resnet or not plain:
+            out.append(f"Depth {depth}: a ResNet or plain baseline is missing, so no gap can be computed.")
+            continue
+        rd = [r for k, r in rows.items() if k not in ("resnet", "plain") and r.get("test_acc")]
+        text = (f"Depth {depth}: plain-{depth} alone is {100 * (resnet['mean'] - plain['mean']):.2f} points "
+                f"behind ResNet-{depth} (test, means)")
+        if rd:
+            key = "val_acc" if all(r.get("val_acc") for r in rd) else "test_acc"
+            best = max(rd, key=lambda r: r[key]["mean"])
+            text += (f"; the best RD run by {'validation' if key == 'val_acc' else 'test'} accuracy, "
+                     f"{label(best['kind'])}, reaches {100 * best['test_acc']['mean']:.2f}% on the test split "
+                     f"({100 * (best['test_acc']['mean'] - resnet['mean']):+.2f} vs the ResNet")
+            if best.get("gap_closed_test_acc") is not None:
+                text += f", {100 * best['gap_closed_test_acc']:.0f}% of the gap closed"
+            text += ")"
+        out.append(text + ".")
+    return out
+
+
+def claim_rows(payload):
+    """Rows of the claims table: each depth's runs against its ResNet, test accuracy means."""
+    rows = []
+    summary = _summary(payload)
+    for depth in sorted({r["depth"] for r in summary}, reverse=True):
+        by_kind = {r["kind"]: r for r in summary if r["depth"] == depth and r.get("test_acc")}
+        resnet = by_kind.get("resnet")
+        if not resnet:
+            continue
+        for kind, r in by_kind.items():
+            if kind != "resnet":
+                rows.append(["same accuracy", f"plain-{depth} {kind} vs ResNet-{depth}", "≈ 0 points",
+                             f"{100 * (r['test_acc']['mean'] - resnet['test_acc']['mean']):+.2f} points"])
+    return rows
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(payload, path):
+    """Per depth: evaluation accuracy per epoch (validation split when there is one) and the trained net's
+    training cross-entropy per log point, one line per run."""
+    import matplotlib.pyplot as plt
+
+    results = [r for r in payload["results"] if not r.get("failed")]
+    depths = sorted({r["depth"] for r in results}, reverse=True)
+    split = "validation" if payload["budget"].get("validation_split") else "test"
+    fig, axes = plt.subplots(2, len(depths), figsize=(6 * len(depths), 7.5), squeeze=False)
+    for col, depth in enumerate(depths):
+        colors = {}
+        for r in (r for r in results if r["depth"] == depth):
+            c = r["curves"]
+            color = colors.setdefault(r["kind"], f"C{len(colors) % 10}")
+            first = sum(1 for x in results if x["depth"] == depth and x["kind"] == r["kind"]
+                        and x.get("seed", 0) < r.get("seed", 0)) == 0
+            name = label(r["kind"]) if first else None
+            axes[0][col].plot(c["epoch"], [100 * a for a in c["test_acc"]], marker="o", color=color, label=name)
+            train = r.get("train_curves") or {}
+            ce = train.get("plain_ce") or train.get("ce")
+            if ce:
+                axes[1][col].plot(train["step"], ce, color=color, label=name, lw=1)
+            else:
+                axes[1][col].plot(c["epoch"], c["train_ce"], marker="o", color=color, label=name)
+        axes[0][col].set(title=f"depth {depth}: {split} accuracy", xlabel="epoch", ylabel="%")
+        axes[1][col].set(title=f"depth {depth}: training cross-entropy of the trained net",
+                         xlabel="step" if any(r.get("train_curves") for r in results) else "epoch", ylabel="CE",
+                         yscale="log")
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    b = payload["budget"]
+    fig.suptitle(f"{b['config']}: {b['epochs']} epochs, width {b['width']}, train subset "
+                 f"{b['train_subset'] or 'all'}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grad_norms(payload, path):
+    """For the deepest depth, first seed: per-stage gradient norm of the trained net over training. Solid:
+    its own cross-entropy; dashed: the hybrid paths' cross-entropies (RD runs)."""
+    import matplotlib.pyplot as plt
+
+    results = [r for r in payload["results"] if not r.get("failed") and any(
+        k.startswith("grad_norm/") for k in r.get("train_curves", {}))]
+    if not results:
+        return False
+    depth = max(r["depth"] for r in results)
+    chosen = {}
+    for r in sorted(results, key=lambda r: r.get("seed", 0)):
+        if r["depth"] == depth:
+            chosen.setdefault(r["kind"], r)
+    fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False, sharey=True)
+    for ax, (kind, r) in zip(axes[0], chosen.items()):
+        t = r["train_curves"]
+        stages = sorted({k.split("/")[2] for k in t if k.startswith("grad_norm/")},
+                        key=lambda s: (s != "stem", s == "logits", s))
+        for i, stage in enumerate(stages):
+            for source, style in (("plain", "-"), ("ce", "-"), ("hybrid", "--")):
+                values = t.get(f"grad_norm/{source}/{stage}")
+                if values:
+                    points = [(s, v) for s, v in zip(t["step"], values) if v is not None]
+                    ax.plot(*zip(*points), style, color=f"C{i}", lw=1,
+                            label=f"{stage} ({'hybrid' if source == 'hybrid' else 'own CE'})")
+        ax.set(title=label(kind), xlabel="step", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set(ylabel="gradient norm")
+    fig.suptitle(f"depth {depth}: per-stage gradient norm of the trained net (seed {min(chosen.values(), key=lambda r: r.get('seed', 0)).get('seed', 0)})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
