@@ -335,10 +335,9 @@ def aggregate(results):
         rows.append(row)
     for row in rows:
         same = {r["kind"]: r for r in rows if r["depth"] == row["depth"]}
-        for split in ("test_acc", "val_acc"):
+        for split, teacher_key in (("test_acc", "teacher_acc"), ("val_acc", "teacher_val_acc")):
             plain = same.get("plain", {}).get(split)
-            resnet = same.get("resnet", {}).get(split) or same.get("rd_joint", {}).get(
-                "teacher_" + split)
+            resnet = same.get("resnet", {}).get(split) or same.get("rd_joint", {}).get(teacher_key)
             if plain and resnet and row.get(split) and resnet["mean"] != plain["mean"] and row["kind"] not in (
                     "plain", "resnet"):
                 row[f"gap_closed_{split}"] = (row[split]["mean"] - plain["mean"]) / (resnet["mean"] - plain["mean"])

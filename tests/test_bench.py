@@ -115,6 +115,55 @@ def test_accuracy_plan_same_budget_for_every_run(tmp_path):
             assert run["needs"] == f"d{run['depth']}_resnet"
 
 
+def test_accuracy_plan_variants_and_seeds(tmp_path):
+    parser = bench.parser_for(["accuracy"])
+    args = parser.parse_args(["accuracy", "--epochs=2", "--depths=20", "--runs=resnet,plain", "--seeds=0,1",
+                              "--validation_split=0.1", f"--out={tmp_path}",
+                              "--variant=every3:distill.hybrid_points=3,6,distill.normalize=True",
+                              "--variant=plain_dirac:run=plain,model.dirac=True",
+                              "--variant=pre:run=rd_pretrained,distill.blend_floor=0.1"])
+    budget, runs = bench_accuracy.plan(args)
+    names = [r["name"] for r in runs]
+    assert names == [f"d20_{k}_s{s}" for s in (0, 1) for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
+    by_name = {r["name"]: dict(a[2:].split("=", 1) for a in r["command"][2:]) for r in runs}
+    every3 = by_name["d20_every3_s1"]
+    assert every3["config.distill.hybrid_points"] == "3,6" and every3["config.distill.normalize"] == "True"
+    assert every3["config.train.mode"] == "distill" and every3["config.teacher.mode"] == "joint"
+    assert every3["config.train.seed"] == every3["config.data.seed"] == "1"
+    assert every3["config.data.validation_split"] == "0.1"
+    plain_dirac = by_name["d20_plain_dirac_s0"]
+    assert plain_dirac["config.model.supervised_shortcuts"] == "none" and plain_dirac["config.model.dirac"] == "True"
+    pre = next(r for r in runs if r["name"] == "d20_pre_s1")
+    assert pre["needs"] == "d20_resnet_s1"
+    assert by_name["d20_pre_s1"]["config.teacher.path"] == os.path.join(str(tmp_path), "d20_resnet_s1")
+    assert budget["variants"]["pre"] == {"run": "rd_pretrained", "distill.blend_floor": "0.1"}
+
+
+@pytest.mark.parametrize("variant, message", [
+    ("nocolon", "NAME:KEY=VALUE"),
+    ("plain:model.dirac=True", "one of the standard runs"),
+    ("x:run=teacher", "run must be one of"),
+    ("x:model.dirac", "KEY=VALUE"),
+])
+def test_bad_variants_are_named(variant, message, tmp_path):
+    args = bench.parser_for(["accuracy"]).parse_args(["accuracy", f"--variant={variant}", f"--out={tmp_path}"])
+    with pytest.raises(bench_common.FlagError, match=message):
+        bench_accuracy.plan(args)
+
+
+def test_aggregate_means_ranges_and_gap_closed():
+    def run(kind, seed, test, val, teacher=None):
+        return {"depth": 56, "kind": kind, "seed": seed, "test_acc": test, "val_acc": val, "teacher_acc": teacher}
+
+    rows = {r["kind"]: r for r in bench_accuracy.aggregate([
+        run("plain", 0, 0.80, 0.81), run("plain", 1, 0.82, 0.83),
+        run("rd_joint", 0, 0.86, 0.87, teacher=0.90), run("rd_joint", 1, 0.88, 0.89, teacher=0.92)])}
+    assert rows["plain"]["test_acc"] == {"mean": pytest.approx(0.81), "min": 0.80, "max": 0.82, "n": 2}
+    # No supervised ResNet run: the joint teachers (mean 0.91) are the ResNet baseline.
+    assert rows["rd_joint"]["gap_closed_test_acc"] == pytest.approx((0.87 - 0.81) / (0.91 - 0.81))
+    assert "gap_closed_test_acc" not in rows["plain"]
+
+
 @pytest.mark.skipif(not os.path.exists(FMNIST), reason="Fashion-MNIST IDX files not installed (make data)")
 def test_accuracy_smoke(results_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(ROOT)  # train.py reads the config path relative to the working directory

@@ -131,6 +131,30 @@ def test_subsets_take_the_first_examples(tmp_path):
                                rtol=1e-6)
 
 
+def test_validation_split_holds_out_the_last_train_examples(tmp_path):
+    config = make_config(data_dir=write_idx_dataset(tmp_path, n_train=40, n_test=10), validation_split=0.25,
+                         batch_size=10, augment="none", shuffle_buffer=1)
+    passes, eval_ds, info = data.pipelines(config)
+    assert (info.train_examples, info.eval_examples, info.eval_split) == (30, 10, "validation")
+    images, labels = data.raw_examples(config, "train", 40)
+    train_labels = np.concatenate([y for _, y in batches(passes.one_pass(0))])
+    np.testing.assert_array_equal(train_labels, labels[:30])
+    (x, y), = batches(eval_ds)
+    np.testing.assert_array_equal(y, labels[30:])
+    np.testing.assert_allclose(x, data.normalize(images[30:], info.mean, info.std), rtol=1e-6)
+    # The test split stays reachable for the one final evaluation.
+    test_ds, count = data.test_dataset(config, info)
+    _, test_labels = data.raw_examples(config, "test", 10)
+    assert count == 10
+    np.testing.assert_array_equal(np.concatenate([y for _, y in batches(test_ds)]), test_labels)
+
+
+def test_validation_split_that_empties_a_part_is_refused(tmp_path):
+    config = make_config(data_dir=write_idx_dataset(tmp_path, n_train=10), validation_split=0.01, batch_size=2)
+    with pytest.raises(ValueError, match="holds out 0 of 10 train examples"):
+        data.pipelines(config)
+
+
 @pytest.mark.parametrize("augment", ["cifar", "imagenet"])
 def test_augmentation_changes_train_not_eval(augment):
     common = dict(source="synthetic", image_size=12, synthetic_examples=64, batch_size=64,
@@ -293,6 +317,7 @@ def test_tfds_unknown_name(tmp_path):
     ("augment", "mixup", "Received: augment='mixup'"),
     ("batch_size", 0, "Received: batch_size=0"),
     ("train_subset", -1, "Received: train_subset=-1"),
+    ("validation_split", 1.0, "Received: validation_split=1.0"),
 ])
 def test_config_validation(field, value, message):
     with pytest.raises(ValueError, match=message):
