@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rd_keras import checkpointing, data, loop, teacher, train_lib
+from rd_keras import checkpointing, data, loop, teacher, train_lib, transfer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path[:variant]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the trained models.")
@@ -37,10 +37,34 @@ def _flag_error(error, argv):
     return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
 
 
+# config_flags reads an override's key path as a Python expression, and `from` is a keyword: this one key
+# is taken off the command line here and set after parsing.
+_KEYWORD_OVERRIDES = ("transfer.from",)
+
+
+def _take_keyword_overrides(argv):
+    """`(argv without --config.transfer.from[=]VALUE, {key: value})`."""
+    rest, taken = [], {}
+    args = iter(argv)
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        key = name.removeprefix("--config.")
+        if name.startswith("--config.") and key in _KEYWORD_OVERRIDES:
+            taken[key] = value if sep else next(args, "")
+        else:
+            rest.append(arg)
+    return rest, taken
+
+
 def _parse_flags(argv):
     try:
+        argv, taken = _take_keyword_overrides(argv)
+        sys.argv[:] = argv  # config_flags finds the overrides in sys.argv itself
         remaining = flags.FLAGS(argv)
         _CONFIG.value.to_dict()  # config_flags defers the error of a file it could not load to a first use
+        for key, value in taken.items():
+            section, name = key.split(".")
+            _CONFIG.value[section][name] = value
         return remaining
     except Exception as e:  # absl, config_flags and the config file itself raise many kinds
         print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
@@ -55,7 +79,7 @@ def main(argv):
     try:
         train_lib.run(_CONFIG.value, _WORKDIR.value)
     except (train_lib.ConfigError, checkpointing.WorkdirError, teacher.TeacherError, data.DataError,
-            loop.NonFiniteLossError) as e:
+            loop.NonFiniteLossError, transfer.TransferError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -21,6 +21,10 @@ def get_config():
         "student_shortcuts": "none",  # the RD student: "none" (plain) or "downsample" (projections kept)
         "supervised_shortcuts": "all",  # train.mode="supervised": "all" = ResNet, "none" = plain baseline
         "dirac": False,  # Dirac-parameterised convs in the plain net (folded away at export)
+        # RD: "random" or "teacher" (start the plain net from the teacher's weights, all but the projection
+        # shortcuts; with teacher.mode="joint" that teacher is freshly initialised, so it matters mostly
+        # with a pretrained one)
+        "student_init": "random",
     })
 
     config.teacher = ml_collections.ConfigDict({
@@ -57,6 +61,14 @@ def get_config():
         "steps_per_run": 0,  # >0: stop (with a checkpoint) after this many steps; rerun to continue
         "progress": True,  # tqdm bar per epoch
         "grad_norms": True,  # per-stage gradient norms (plain vs hybrid terms) in TensorBoard, at log points
+    })
+
+    # train.mode="transfer": fine-tune a trained net on this config's data (rd_keras.transfer)
+    config.transfer = ml_collections.ConfigDict({
+        # a plain.keras or resnet.keras file, a workdir (its plain.keras, else resnet.keras), or
+        # keras.applications.<Name> (converted by rd_keras.pretrained)
+        "from": "",
+        "freeze_stages": 0,  # leading stages kept frozen, stem included (1 = the stem); their BN in inference mode
     })
 
     config.export = ml_collections.ConfigDict({

@@ -72,6 +72,7 @@ def default_data_config():
         "image_size": config_dict.placeholder(int),  # None keeps the native size
         "channels": 3,  # synthetic images; folder images are decoded to this many channels
         "num_classes": 10,  # synthetic and idx; tfds and folder know their own
+        "classes": (),  # idx, folder, synthetic: keep only these labels, renumbered 0.. in this order; () = all
         "synthetic_examples": 512,  # train split; the test split gets a fifth as many
         "batch_size": 128,  # global, across replicas
         "augment": "cifar",
@@ -274,6 +275,17 @@ def _load_tfds(cfg, split):
     return ds, builder.info.features["label"].num_classes
 
 
+def _keep_classes(images, labels, num_classes, classes):
+    """The examples whose label is in `classes`, relabelled by position there (a split of a data set into
+    disjoint class sets, e.g. for transfer experiments)."""
+    if max(classes) >= num_classes:
+        raise ValueError(f"`classes` must be labels below num_classes={num_classes}. Received: classes={classes}")
+    lookup = np.full(num_classes, -1, np.int32)
+    lookup[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    keep = lookup[labels] >= 0
+    return images[keep], lookup[labels[keep]], len(classes)
+
+
 def _load(cfg, split, limit):
     """Unbatched (uint8 image, int32 label) dataset of the first `limit` examples (0 = all), its size
     and the number of classes."""
@@ -282,6 +294,8 @@ def _load(cfg, split, limit):
     else:
         loader = {"idx": _load_idx, "folder": _load_folder, "synthetic": _load_synthetic}[cfg.source]
         images, labels, num_classes = loader(cfg, split)
+        if cfg.classes:
+            images, labels, num_classes = _keep_classes(images, labels, num_classes, tuple(cfg.classes))
         ds = tf.data.Dataset.from_tensor_slices((images, labels))
     ds = ds.take(limit) if limit else ds
     count = int(ds.cardinality())
@@ -308,6 +322,11 @@ def check_config(cfg):
     if not isinstance(cfg.validation_split, (int, float)) or not 0 <= cfg.validation_split < 1:
         raise ValueError(f"`validation_split` must be a fraction in [0, 1). "
                          f"Received: validation_split={cfg.validation_split!r}")
+    classes = tuple(cfg.classes)
+    if classes and (cfg.source == "tfds" or len(set(classes)) != len(classes) or len(classes) < 2
+                    or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes)):
+        raise ValueError(f"`classes` must be () or at least two distinct integer labels >= 0, for the idx, folder "
+                         f"or synthetic source. Received: classes={cfg.classes!r} with source={cfg.source!r}")
     if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 1):
         raise ValueError(f"`image_size` must be None or a positive integer. "
                          f"Received: image_size={cfg.image_size!r}")

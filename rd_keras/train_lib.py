@@ -6,6 +6,8 @@
   `teacher.path`, frozen). Saves `plain.keras`, and `resnet.keras` in joint mode.
 - "supervised": one net with `model.supervised_shortcuts` ("all": the ResNet, saved as `resnet.keras`,
   usable later as `teacher.path`; "none"/"downsample": the plain baseline, saved as `plain.keras`).
+- "transfer": fine-tune the trained net named by `transfer.from` on this config's data, with a new head
+  (`rd_keras.transfer`); saved as `plain.keras` or `resnet.keras`, as the source net was.
 
 The workdir layout is in `rd_keras.checkpointing`. Rerunning the same command resumes from the newest
 checkpoint: schedules are functions of the restored global step, so they continue where they stopped, and
@@ -19,10 +21,11 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, data, distill, export, hybrid, schedules, teacher
+from rd_keras import architectures, checkpointing, data, distill, export, hybrid, schedules, teacher, transfer
 from rd_keras.loop import TrainLoop
 
-TRAIN_MODES = ("distill", "supervised")
+TRAIN_MODES = ("distill", "supervised", "transfer")
+STUDENT_INITS = ("random", "teacher")
 TEACHER_MODES = ("joint", "pretrained")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16")
@@ -66,6 +69,7 @@ def validate(config):
     _choice(m.stem, ("", *architectures.STEMS), "model.stem")
     _choice(m.student_shortcuts, ("none", "downsample"), "model.student_shortcuts")
     _choice(m.supervised_shortcuts, architectures.SHORTCUT_MODES, "model.supervised_shortcuts")
+    _choice(m.student_init, STUDENT_INITS, "model.student_init")
     _choice(t.strategy, STRATEGIES, "train.strategy")
     _choice(t.precision, PRECISIONS, "train.precision")
     _choice(t.nan_policy, NAN_POLICIES, "train.nan_policy")
@@ -93,6 +97,11 @@ def validate(config):
                                  eval_examples=e.eval_examples)
         except ValueError as err:
             raise ConfigError(f"config.export: {err}") from None
+    if t.mode == "transfer":
+        source = config.transfer["from"]
+        _check(isinstance(source, str) and source, f"config.train.mode='transfer' needs config.transfer.from: "
+               f"a .keras file, a workdir or {transfer.APPLICATIONS_PREFIX}<Name>, got {source!r}.")
+        _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
     if t.mode == "distill":
         _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
         _number(d.temperature, "distill.temperature", 0, low_open=True)
@@ -143,9 +152,10 @@ def _optimizer(config, lr_fn):
     return opt
 
 
-def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
+def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, transfer_source=None, fresh=True):
     """Models, optimizers (built, so their slots exist before the first distributed step) and steps.
-    Call inside `strategy.scope()`."""
+    Call inside `strategy.scope()`. `transfer_source` is the loaded net of `transfer.from`; `fresh` says that
+    no checkpoint will be restored, so initial weights are copied (a resumed run gets them from its checkpoint)."""
     t, m = config.train, config.model
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
@@ -168,9 +178,16 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
                                   temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
                                   normalize=config.distill.normalize)
     extras = {"lr": lr_fn}
-    if t.mode == "supervised":
-        model, resnet = net(m.supervised_shortcuts), None
-        trained = {"resnet" if m.supervised_shortcuts == "all" else "plain": model}
+    if t.mode in ("supervised", "transfer"):
+        if t.mode == "supervised":
+            model, role = net(m.supervised_shortcuts), "resnet" if m.supervised_shortcuts == "all" else "plain"
+        else:
+            model = transfer.rebuild(transfer_source, num_classes=info.num_classes, input_shape=info.image_shape,
+                                     copy=fresh)
+            transfer.freeze(model, config.transfer.freeze_stages)
+            role = transfer.recipe_of(model).role
+        resnet = None
+        trained = {role: model}
         objectives = ["total"]
         sources = {"ce": ["ce"]}
         diagnosed = model
@@ -184,6 +201,8 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None):
         plain = net(m.student_shortcuts)
         resnet = net("all") if joint else teacher.load(
             teacher_source, model_config=m, num_classes=info.num_classes, input_shape=info.image_shape)
+        if m.student_init == "teacher" and fresh:
+            transfer.copy_shared_weights(resnet, plain)
         paths = hybrid.build_paths(plain, resnet, config.distill.hybrid_points)
         trained = {"plain": plain, "resnet": resnet} if joint else {"plain": plain}
         objectives = ["total", "teacher_total"] if joint else ["total"]
@@ -230,6 +249,17 @@ def run(config, workdir):
     teacher_source = None
     if config.train.mode == "distill" and config.teacher.mode == "pretrained":
         teacher_source = teacher.resolve(config.teacher.path)
+    transfer_source, derived = None, {}
+    if config.train.mode == "transfer":
+        source = transfer.resolve(config.transfer["from"])
+        transfer_source = transfer.load(source)
+        recipe = transfer.recipe_of(transfer_source)
+        # Only plain nets are exported: say so now rather than after training.
+        _check(recipe.role == "plain" or not config.export.enabled,
+               f"config.export.enabled=True exports plain nets, but config.transfer.from="
+               f"{config.transfer['from']!r} is a ResNet ({transfer_source.name}).")
+        derived["transfer"] = {"source": source.path, **dataclasses.asdict(recipe)}
+    fresh = tf.train.latest_checkpoint(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) is None
     replicas = strategy.num_replicas_in_sync
     _check(config.data.batch_size % replicas == 0,
            f"config.data.batch_size={config.data.batch_size} must be divisible by the {replicas} replicas.")
@@ -248,14 +278,15 @@ def run(config, workdir):
     keras.mixed_precision.set_global_policy(config.train.precision)
     try:
         with strategy.scope():
-            setup = build_setup(config, info, strategy, steps_per_epoch, teacher_source)
+            setup = build_setup(config, info, strategy, steps_per_epoch, teacher_source, transfer_source, fresh)
         chief = checkpointing.is_chief(strategy)
         if chief:
             os.makedirs(workdir, exist_ok=True)
             checkpointing.write_config(
                 workdir, config, dataset=dataclasses.asdict(info),
                 run={"steps_per_epoch": steps_per_epoch, "total_steps": config.train.epochs * steps_per_epoch,
-                     "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming})
+                     "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming,
+                     **derived})
         loop = TrainLoop(config, workdir, setup, strategy=strategy, chief=chief, steps_per_epoch=steps_per_epoch,
                          num_eval_examples=info.eval_examples, eval_split=info.eval_split)
         test_data = None
