@@ -5,6 +5,12 @@
 (`shortcuts="none"`) have the same layers, except the shortcut adds and projection convs, so every stage
 boundary has the same shape in both: that is what lets the plain net's early stages feed the ResNet's later
 stages during Residual Distillation.
+
+Three options reproduce other ResNet implementations layer for layer (they change neither the weights'
+shapes nor any stage-boundary shape, so a net of one variant can feed or initialise another):
+`bottleneck_stride` ("3x3", ResNet v1.5, the default; "1x1", ResNet v1 as keras.applications),
+`stem_padding` ("same", the default; "symmetric", explicit zero padding of 3 and 1 pixels before the
+7x7 stem conv and the stem max-pool, as keras.applications) and `bn_epsilon`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ SHORTCUT_MODES = ("all", "none", "downsample")
 STEMS = ("cifar", "imagenet")
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+BOTTLENECK_STRIDES = ("3x3", "1x1")
+STEM_PADDINGS = ("same", "symmetric")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +55,7 @@ _IMAGENET = {
     34: ArchSpec("basic", (3, 4, 6, 3), (64, 128, 256, 512), 64, "imagenet"),
     50: ArchSpec("bottleneck", (3, 4, 6, 3), (64, 128, 256, 512), 64, "imagenet"),
     101: ArchSpec("bottleneck", (3, 4, 23, 3), (64, 128, 256, 512), 64, "imagenet"),
+    152: ArchSpec("bottleneck", (3, 8, 36, 3), (64, 128, 256, 512), 64, "imagenet"),
 }
 
 SPECS: dict[str, ArchSpec] = {
@@ -77,52 +86,76 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def _conv(filters, kernel, stride, name, dirac):
+def _conv(filters, kernel, stride, name, dirac, padding="same"):
     # Dirac parameterisation only makes sense where there is no shortcut to carry the identity.
     cls = DiracConv2D if dirac else keras.layers.Conv2D
-    return cls(filters, kernel, strides=stride, padding="same", use_bias=False,
+    return cls(filters, kernel, strides=stride, padding=padding, use_bias=False,
                kernel_initializer="he_normal", name=name)
 
 
-def _bn(name):
-    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=name)
+def _bn(name, epsilon=BN_EPSILON):
+    return keras.layers.BatchNormalization(momentum=BN_MOMENTUM, epsilon=epsilon, name=name)
 
 
-def _shortcut(x, filters, stride, prefix):
+def _shortcut(x, filters, stride, prefix, bn_epsilon=BN_EPSILON):
     """Identity when shapes match, else a 1x1 projection conv + BN (ResNet option B)."""
     if stride == 1 and x.shape[-1] == filters:
         return x
     s = keras.layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer="he_normal",
                             name=f"{prefix}_proj_conv")(x)
-    return _bn(f"{prefix}_proj_bn")(s)
+    return _bn(f"{prefix}_proj_bn", bn_epsilon)(s)
 
 
-def residual_block(x, *, kind, filters, stride, shortcut, prefix, out_name, dirac=False):
-    """One basic or bottleneck block; `shortcut=False` drops the add (the plain twin's block)."""
+def residual_block(x, *, kind, filters, stride, shortcut, prefix, out_name, dirac=False,
+                   bottleneck_stride="3x3", bn_epsilon=BN_EPSILON):
+    """One basic or bottleneck block; `shortcut=False` drops the add (the plain twin's block).
+
+    A bottleneck strides on its 3x3 conv ("ResNet v1.5") or, with `bottleneck_stride="1x1"`, on its first
+    1x1 conv ("ResNet v1"); a strided 1x1 conv reads the same pixels whether padded "same" or not."""
     if kind == "basic":
         convs = [(filters, 3, stride), (filters, 3, 1)]
-    else:  # bottleneck, stride on the 3x3 conv ("ResNet v1.5")
+    elif bottleneck_stride == "1x1":
+        convs = [(filters, 1, stride), (filters, 3, 1), (4 * filters, 1, 1)]
+    else:
         convs = [(filters, 1, 1), (filters, 3, stride), (4 * filters, 1, 1)]
     y = x
     for k, (f, kernel, s) in enumerate(convs, start=1):
         y = _conv(f, kernel, s, f"{prefix}_conv{k}", dirac and not shortcut)(y)
-        y = _bn(f"{prefix}_bn{k}")(y)
+        y = _bn(f"{prefix}_bn{k}", bn_epsilon)(y)
         if k < len(convs):
             y = keras.layers.ReLU(name=f"{prefix}_relu{k}")(y)
     if shortcut:
-        y = keras.layers.Add(name=f"{prefix}_add")([_shortcut(x, convs[-1][0], stride, prefix), y])
+        projected = _shortcut(x, convs[-1][0], stride, prefix, bn_epsilon)
+        y = keras.layers.Add(name=f"{prefix}_add")([projected, y])
     return keras.layers.ReLU(name=out_name)(y)
 
 
-def _stem(x, kind, filters, dirac):
-    if kind == "cifar":
+def _stem(x, kind, filters, dirac, padding="same", bn_epsilon=BN_EPSILON):
+    if kind == "cifar":  # a stride-1 3x3 conv: "same" is already symmetric
         x = _conv(filters, 3, 1, "stem_conv", dirac)(x)
-        x = _bn("stem_bn")(x)
+        x = _bn("stem_bn", bn_epsilon)(x)
         return keras.layers.ReLU(name="stem")(x)
-    x = _conv(filters, 7, 2, "stem_conv", False)(x)
-    x = _bn("stem_bn")(x)
+    symmetric = padding == "symmetric"
+    # "same" pads a stride-2 layer on an even input by one pixel less at the top-left than at the
+    # bottom-right; "symmetric" pads evenly, as keras.applications (and PyTorch) do. The output
+    # shapes agree for every input size.
+    if symmetric:
+        x = keras.layers.ZeroPadding2D(3, name="stem_pad")(x)
+    x = _conv(filters, 7, 2, "stem_conv", False, "valid" if symmetric else "same")(x)
+    x = _bn("stem_bn", bn_epsilon)(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
-    return keras.layers.MaxPooling2D(3, strides=2, padding="same", name="stem")(x)
+    if symmetric:  # zeros pad a max-pool of ReLU outputs as -inf would
+        x = keras.layers.ZeroPadding2D(1, name="stem_pool_pad")(x)
+    return keras.layers.MaxPooling2D(3, strides=2, padding="valid" if symmetric else "same", name="stem")(x)
+
+
+def _check_options(bottleneck_stride, stem_padding, bn_epsilon):
+    if bottleneck_stride not in BOTTLENECK_STRIDES:
+        raise ValueError(f"bottleneck_stride must be one of {BOTTLENECK_STRIDES}, got {bottleneck_stride!r}.")
+    if stem_padding not in STEM_PADDINGS:
+        raise ValueError(f"stem_padding must be one of {STEM_PADDINGS}, got {stem_padding!r}.")
+    if isinstance(bn_epsilon, bool) or not isinstance(bn_epsilon, (int, float)) or bn_epsilon <= 0:
+        raise ValueError(f"bn_epsilon must be a positive number, got {bn_epsilon!r}.")
 
 
 def _validate(arch, shortcuts, num_classes, input_shape, width, stem):
@@ -141,20 +174,24 @@ def _validate(arch, shortcuts, num_classes, input_shape, width, stem):
 
 
 def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_shape=(32, 32, 3),
-          width: float = 1.0, stem: str | None = None, dirac: bool = False, name: str | None = None):
+          width: float = 1.0, stem: str | None = None, dirac: bool = False, name: str | None = None,
+          bottleneck_stride: str = "3x3", stem_padding: str = "same", bn_epsilon: float = BN_EPSILON):
     """Build a ResNet (`shortcuts="all"`), its plain twin (`"none"`), or a plain net keeping only the
     shape-changing (projection) shortcuts (`"downsample"`, as deployed by the paper's official code).
 
     `dirac=True` gives the convs without a shortcut the Dirac parameterisation W = a*I + b*V; export folds
-    it into ordinary convs. Returns a functional model with dict output {stem, stage1..N, logits}.
+    it into ordinary convs. `bottleneck_stride`, `stem_padding` and `bn_epsilon`: see the module docstring.
+    Returns a functional model with dict output {stem, stage1..N, logits}.
     """
     input_shape = tuple(input_shape)
     spec = _validate(arch, shortcuts, num_classes, input_shape, width, stem)
+    _check_options(bottleneck_stride, stem_padding, bn_epsilon)
     plain = shortcuts != "all"
     if name is None:
         name = f"{'plain' if plain else 'resnet'}{spec.depth}"
     inputs = keras.Input(input_shape, name="images")
-    x = _stem(inputs, stem or spec.stem, _scaled(spec.stem_width, width), dirac and plain)
+    x = _stem(inputs, stem or spec.stem, _scaled(spec.stem_width, width), dirac and plain, stem_padding,
+              bn_epsilon)
     endpoints = {"stem": x}
     for i, (blocks, base) in enumerate(zip(spec.blocks, spec.widths), start=1):
         filters = _scaled(base, width)
@@ -166,7 +203,8 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
             x = residual_block(x, kind=spec.block, filters=filters, stride=stride, shortcut=keep,
                                prefix=f"stage{i}_block{j}",
                                out_name=_block_output_name(i, j, blocks),
-                               dirac=dirac and plain)
+                               dirac=dirac and plain, bottleneck_stride=bottleneck_stride,
+                               bn_epsilon=bn_epsilon)
         endpoints[f"stage{i}"] = x
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     # float32 logits even under mixed precision, so losses and softmax stay numerically safe.
@@ -199,3 +237,15 @@ def num_stages(model) -> int:
 def classifier(model):
     """The same network with only the logits as output: what gets exported and served."""
     return keras.Model(model.input, model.get_layer("logits").output, name=model.name)
+
+
+def options_of(model) -> dict:
+    """The `bottleneck_stride`, `stem_padding` and `bn_epsilon` a model of `build` was built with, so that
+    code rebuilding a net from a loaded one (fine-tuning, a warm start) keeps its variant."""
+    names = {layer.name for layer in model.layers}
+    # A strided first 1x1 conv exists only in ResNet v1 bottlenecks (block 1 of stage 2 always strides).
+    conv1 = model.get_layer("stage2_block1_conv1") if "stage2_block1_conv1" in names else None
+    v1 = conv1 is not None and tuple(conv1.kernel_size) == (1, 1) and tuple(conv1.strides) != (1, 1)
+    return {"bottleneck_stride": "1x1" if v1 else "3x3",
+            "stem_padding": "symmetric" if "stem_pad" in names else "same",
+            "bn_epsilon": float(model.get_layer("stem_bn").epsilon)}

@@ -66,7 +66,9 @@ def test_boundaries_match_and_plain_has_no_add(arch):
 def test_depth_of_specs():
     assert {name: spec.depth for name, spec in architectures.SPECS.items()} == {
         "resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110,
-        "resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
+        "resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152}
+    # 152 = 6n+2 too, but the name means the ImageNet bottleneck net.
+    assert architectures.get_spec("resnet152").block == "bottleneck"
 
 
 def test_endpoint_shapes_cifar_and_imagenet_stems():
@@ -106,6 +108,9 @@ def test_layer_names_and_outputs():
     (dict(arch="resnet20", num_classes=1), "num_classes must be an integer >= 2, got 1"),
     (dict(arch="resnet20", stem="tiny"), "got 'tiny'"),
     (dict(arch="resnet20", input_shape=(32, 32)), "got (32, 32)"),
+    (dict(arch="resnet50", bottleneck_stride="2x2"), "got '2x2'"),
+    (dict(arch="resnet50", stem_padding="valid"), "got 'valid'"),
+    (dict(arch="resnet50", bn_epsilon=0), "bn_epsilon must be a positive number, got 0"),
 ])
 def test_bad_arguments_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ValueError) as err:
@@ -133,3 +138,25 @@ def test_dirac_conv_is_identity_when_beta_is_zero_and_survives_saving(tmp_path):
     images = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(loaded(images)["logits"], model(images)["logits"], atol=1e-6)
     np.testing.assert_array_equal(loaded.get_layer("stage1_block1_conv2").beta.numpy(), 0.0)
+
+
+@pytest.mark.parametrize("size", [64, 65, 224])
+def test_resnet_v1_options_change_layers_not_weights_or_boundary_shapes(size):
+    kwargs = dict(input_shape=(size, size, 3), num_classes=1000)
+    default = architectures.build("resnet50", **kwargs)
+    options = dict(bottleneck_stride="1x1", stem_padding="symmetric", bn_epsilon=1.001e-5)
+    for shortcuts in ("all", "none"):
+        v1 = architectures.build("resnet50", shortcuts=shortcuts, **kwargs, **options)
+        assert architectures.options_of(v1) == options
+        assert v1.count_params() == architectures.build("resnet50", shortcuts=shortcuts, **kwargs).count_params()
+        for name in architectures.endpoint_names(default):
+            assert v1.get_layer(name).output.shape == default.get_layer(name).output.shape, (name, size)
+    # v1 strides on the first 1x1 conv, v1.5 on the 3x3; the padding layers exist only when symmetric.
+    assert v1.get_layer("stage2_block1_conv1").strides == (2, 2)
+    assert v1.get_layer("stage2_block1_conv2").strides == (1, 1)
+    assert default.get_layer("stage2_block1_conv2").strides == (2, 2)
+    assert v1.get_layer("stem_pad").padding == ((3, 3), (3, 3))
+    assert v1.get_layer("stem_bn").epsilon == 1.001e-5
+    assert architectures.options_of(default) == dict(
+        bottleneck_stride="3x3", stem_padding="same", bn_epsilon=architectures.BN_EPSILON)
+    assert "ZeroPadding2D" not in _layer_types(default)
