@@ -29,17 +29,20 @@ SUM = tf.distribute.ReduceOp.SUM
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """Numbers the losses need. `weight_decay` is the L2 coefficient: penalty = wd/2 * sum ||kernel||^2,
-    i.e. a gradient of wd * kernel, as with PyTorch's SGD(weight_decay=wd)."""
+    i.e. a gradient of wd * kernel, as with PyTorch's SGD(weight_decay=wd). `global_batch_size=None`
+    takes each step's own batch size (per-replica size x replicas), for `fit()`, whose last batch may be
+    smaller."""
 
-    global_batch_size: int
+    global_batch_size: int | None
     weight_decay: float = 0.0
     temperature: float = 4.0
     kd_alpha: float = 0.0
     normalize: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.global_batch_size, int) or self.global_batch_size < 1:
-            raise ValueError(f"global_batch_size must be a positive int, got {self.global_batch_size!r}.")
+        if self.global_batch_size is not None and (not isinstance(self.global_batch_size, int)
+                                                   or self.global_batch_size < 1):
+            raise ValueError(f"global_batch_size must be a positive int or None, got {self.global_batch_size!r}.")
         if self.weight_decay < 0 or self.kd_alpha < 0:
             raise ValueError(f"weight_decay and kd_alpha must be >= 0, got {self.weight_decay!r} and "
                              f"{self.kd_alpha!r}.")

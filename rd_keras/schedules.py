@@ -1,11 +1,13 @@
 """Schedules driven by the global step: the learning rate and the hybrid-loss blend weight m(t).
 
 Both are plain functions of the step, so a resumed run (which restores the step from its checkpoint)
-continues exactly where it stopped. They accept Python numbers or scalar tensors.
+continues exactly where it stopped. They accept Python numbers or scalar tensors. `BlendSchedule` and
+`WarmupCosine` wrap them as serialisable Keras schedules for the `fit()` API (`rd_keras.distiller`).
 """
 
 import math
 
+import keras
 import tensorflow as tf
 
 
@@ -52,3 +54,48 @@ def warmup_cosine_lr(step, *, base_lr: float, warmup_steps: int, total_steps: in
     if tf.is_tensor(step):
         return tf.where(step < warmup_steps, warm, decayed)
     return warm if step < warmup_steps else decayed
+
+
+# ----------------------------------------------------------------------------- schedule objects
+# The same two functions as serialisable Keras schedules, for `compile()`/`fit()` users: keras calls a
+# schedule with the optimizer's `iterations`, which BackupAndRestore and ModelCheckpoint save and restore,
+# so a resumed `fit` continues both curves where they stopped.
+
+
+@keras.saving.register_keras_serializable(package="rd_keras")
+class BlendSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """m(t) of `blend_weight` as a step-driven schedule: `BlendSchedule(...)(step)` -> float32 tensor."""
+
+    def __init__(self, steps_per_epoch, blend_epochs, floor=0.0):
+        if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1:
+            raise ValueError(f"`steps_per_epoch` must be a positive integer. "
+                             f"Received: steps_per_epoch={steps_per_epoch!r}")
+        blend_weight(0, steps_per_epoch=steps_per_epoch, blend_epochs=blend_epochs, floor=floor)  # checks
+        self.steps_per_epoch, self.blend_epochs, self.floor = steps_per_epoch, blend_epochs, floor
+
+    def __call__(self, step):
+        return tf.cast(blend_weight(tf.convert_to_tensor(step), steps_per_epoch=self.steps_per_epoch,
+                                    blend_epochs=self.blend_epochs, floor=self.floor), tf.float32)
+
+    def get_config(self):
+        return {"steps_per_epoch": self.steps_per_epoch, "blend_epochs": self.blend_epochs,
+                "floor": self.floor}
+
+
+@keras.saving.register_keras_serializable(package="rd_keras")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """The trainer's learning rate (`warmup_cosine_lr`) as a Keras learning-rate schedule."""
+
+    def __init__(self, base_lr, warmup_steps, total_steps):
+        if not isinstance(base_lr, (int, float)) or isinstance(base_lr, bool) or base_lr <= 0:
+            raise ValueError(f"`base_lr` must be a positive number. Received: base_lr={base_lr!r}")
+        warmup_cosine_lr(0, base_lr=base_lr, warmup_steps=warmup_steps, total_steps=total_steps)  # checks
+        self.base_lr, self.warmup_steps, self.total_steps = base_lr, warmup_steps, total_steps
+
+    def __call__(self, step):
+        return tf.cast(warmup_cosine_lr(tf.convert_to_tensor(step), base_lr=self.base_lr,
+                                        warmup_steps=self.warmup_steps, total_steps=self.total_steps),
+                       tf.float32)
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
