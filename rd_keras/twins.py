@@ -2,8 +2,9 @@
 
 `make_plain(resnet)` rebuilds a ResNet made by `architectures.build` without its shortcuts. A saved and
 reloaded `.keras` model carries no builder arguments, so they are read back from the layers (block type,
-blocks per stage, stem, channels, input shape, classes) and confirmed by rebuilding the ResNet and
-comparing every weight's name and shape: a model that only looks similar is refused, never half-copied.
+blocks per stage, stem, channels, input shape, classes, `architectures.options_of`) and confirmed by
+rebuilding the ResNet and comparing every weight's name and shape: a model that only looks similar is
+refused, never half-copied.
 
 `check_pair(teacher, student, hybrid_points)` is what any pair of functional models must satisfy for
 `hybrid.build_paths`: both return a dict with `logits`, both have a layer at every hybrid point the
@@ -60,7 +61,7 @@ def builder_arguments(resnet) -> dict:
     spec = architectures.get_spec(arch)
     stem = "cifar" if tuple(stem_conv.kernel_size) == (3, 3) else "imagenet"
     base = {"arch": arch, "num_classes": int(logits.units), "input_shape": tuple(resnet.input.shape[1:]),
-            "stem": stem}
+            "stem": stem, **architectures.options_of(resnet)}
     # Channels are round(base * width): the widest stage pins the multiplier best, the others are
     # fallbacks for rounding ties; the rebuild below decides.
     channels = [(resnet.get_layer(f"stage{i}_block1_conv1").filters, spec.widths[i - 1])
