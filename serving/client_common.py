@@ -1,7 +1,9 @@
-"""What the gRPC and REST clients share: the error type, the metadata summary and the command line.
+"""What the gRPC and REST clients share: the error type, the metadata and status summaries, the one-request
+module functions and the command line.
 
-Both clients expose the same `Client(host, port, model_name, timeout)` with `predict(...)` and
-`metadata(...)`, so one command-line implementation drives either protocol.
+Both clients expose the same `Client(host, port, model_name, timeout)` with `predict(...)`, `metadata(...)`
+and `status(...)`, so one implementation of the module functions and of the command line drives either
+protocol.
 """
 
 from __future__ import annotations
@@ -59,6 +61,63 @@ def summarize_metadata(model_spec: dict, signature_def_map: dict) -> dict[str, A
     return {"name": model_spec.get("name", ""), "version": int(model_spec.get("version", 0)), "signatures": signatures}
 
 
+def summarize_status(reply: dict) -> list[dict[str, Any]]:
+    """A GetModelStatusResponse in JSON form (the REST reply, or MessageToDict of the gRPC response) ->
+
+    [{"version": int, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}, ...] in the server's
+    order (TF Serving: highest version first). Fields JSON leaves out hold their proto defaults.
+    """
+    rows = []
+    for entry in reply.get("model_version_status", []):
+        status = entry.get("status", {})
+        rows.append({
+            "version": int(entry.get("version", 0)),
+            "state": entry.get("state", "UNKNOWN"),
+            "error_code": status.get("error_code", "OK"),
+            "error_message": status.get("error_message", ""),
+        })
+    return rows
+
+
+def one_request_functions(client_class: type, protocol: str) -> tuple[Callable, Callable, Callable]:
+    """`predict`, `metadata` and `status` module functions that each open a `client_class` for one request.
+
+    Each client module exports these under its own name, with identical signatures for both protocols.
+    """
+
+    def predict(
+        images: np.ndarray,
+        host: str,
+        port: int,
+        model_name: str,
+        signature_name: str = "serving_default",
+        version: int | None = None,
+        timeout: float = 10.0,
+    ) -> dict[str, np.ndarray]:
+        with client_class(host, port, model_name, timeout) as client:
+            return client.predict(images, signature_name, version)
+
+    def metadata(host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0) -> dict:
+        with client_class(host, port, model_name, timeout) as client:
+            return client.metadata(version)
+
+    def status(
+        host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0
+    ) -> list[dict]:
+        with client_class(host, port, model_name, timeout) as client:
+            return client.status(version)
+
+    docs = {
+        predict: f"One {protocol} predict request on a fresh connection; use `Client` for many requests.",
+        metadata: f"One {protocol} model metadata request (`Client.metadata`).",
+        status: f"One {protocol} model status request (`Client.status`).",
+    }
+    for function, doc in docs.items():
+        # Documented, pickled and shown by help() as a function of the client module itself.
+        function.__module__, function.__qualname__, function.__doc__ = client_class.__module__, function.__name__, doc
+    return predict, metadata, status
+
+
 def image_shape(metadata: dict, signature_name: str, input_key: str) -> tuple[int, int, int]:
     """(H, W, C) of a uint8 image input, from `summarize_metadata` output."""
     signature = metadata["signatures"].get(signature_name)
@@ -87,10 +146,12 @@ def _positive(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None, client_class: Callable, protocol: str, default_server: str) -> int:
-    """Classify images with a served model and print one line (or one JSON object) per image."""
+    """Classify images with a served model and print one line (or one JSON object) per image, or (--status)
+    print the model's version states."""
     parser = argparse.ArgumentParser(
         prog=f"python -m serving.{protocol.lower()}_client",
-        description=f"Classify images with a model served by TF Serving (or serving.dev_server) over {protocol}.",
+        description=f"Classify images with a model served by TF Serving (or serving.dev_server) over {protocol}, "
+        "or report the state of its versions (--status).",
     )
     parser.add_argument("--server", type=parse_server, default=parse_server(default_server),
                         help=f"HOST:PORT of the {protocol} endpoint (default {default_server})")
@@ -98,6 +159,9 @@ def main(argv: Sequence[str] | None, client_class: Callable, protocol: str, defa
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images_dir", help="folder of image files, resized to the model's input")
     source.add_argument("--idx", help="IDX image file (.gz or raw), e.g. t10k-images-idx3-ubyte.gz")
+    source.add_argument("--status", action="store_true",
+                        help="print the state of each model version (of --version only, if given) instead of "
+                        "classifying; exit status 0 when one is AVAILABLE, 1 otherwise (a health check)")
     parser.add_argument("--limit", type=_positive, help="classify only the first N images")
     parser.add_argument("--batch_size", type=_positive, default=64)
     parser.add_argument("--signature_name", default="serving_default")
@@ -106,6 +170,8 @@ def main(argv: Sequence[str] | None, client_class: Callable, protocol: str, defa
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of text lines")
     args = parser.parse_args(argv)
     host, port = args.server
+    if args.status:
+        return _print_status(client_class, host, port, args)
     try:
         with client_class(host, port, args.model_name, timeout=args.timeout) as client:
             shape = image_shape(client.metadata(args.version), args.signature_name, "images")
@@ -142,3 +208,19 @@ def main(argv: Sequence[str] | None, client_class: Callable, protocol: str, defa
         for row in rows:
             print(f"{row['image']}\t{row['class']}" + (f"\t{row['probability']:.4f}" if "probability" in row else ""))
     return 0
+
+
+def _print_status(client_class: Callable, host: str, port: int, args: argparse.Namespace) -> int:
+    try:
+        with client_class(host, port, args.model_name, timeout=args.timeout) as client:
+            rows = client.status(args.version)
+    except (ServingError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for row in rows:
+            failure = "" if row["error_code"] == "OK" else f"\t{row['error_code']}: {row['error_message']}"
+            print(f"{args.model_name}\tversion {row['version']}\t{row['state']}{failure}")
+    return 0 if any(row["state"] == "AVAILABLE" for row in rows) else 1

@@ -1,7 +1,8 @@
 """A small TF Serving-compatible server for development and tests (production uses tensorflow_model_server).
 
 It speaks the same protocols as TF Serving, so the clients and any other TF Serving client work unchanged:
-  gRPC  tensorflow.serving.PredictionService/Predict and /GetModelMetadata
+  gRPC  tensorflow.serving.PredictionService/Predict and /GetModelMetadata,
+        tensorflow.serving.ModelService/GetModelStatus
   REST  POST /v1/models/<name>[/versions/<v>]:predict   GET /v1/models/<name>[/versions/<v>][/metadata]
 It serves the highest integer version under each model's base path and picks up new versions while running
 (see serving/registry.py). Bad requests get INVALID_ARGUMENT (HTTP 400), unknown models or versions
@@ -30,9 +31,12 @@ from google.protobuf import json_format, text_format, wrappers_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
+    get_model_status_pb2,
     model_pb2,
+    model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    status_pb2,
 )
 from tensorflow_serving.config import model_server_config_pb2
 
@@ -88,6 +92,41 @@ def metadata_response(served: ServedVersion) -> get_model_metadata_pb2.GetModelM
     return response
 
 
+def requested_version(model_spec: model_pb2.ModelSpec) -> int | None:
+    """The version a ModelSpec asks for (None: the served one); labels are refused, the dev server has none."""
+    if model_spec.version_label:
+        raise invalid(f"version labels are not supported by the dev server, got {model_spec.version_label!r}")
+    return model_spec.version.value if model_spec.HasField("version") else None
+
+
+def status_response(
+    registry: ModelRegistry, name: str, version: int | None
+) -> get_model_status_pb2.GetModelStatusResponse:
+    """GetModelStatusResponse for gRPC and, as JSON, for REST `GET /v1/models/<name>[/versions/<v>]`."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for entry in registry.status(name, version):
+        response.model_version_status.add(
+            version=entry.version,
+            state=entry.state,
+            # Set even when OK, so the JSON form carries "status" as TF Serving's does.
+            status=status_pb2.StatusProto(error_code=entry.error_code, error_message=entry.error_message),
+        )
+    return response
+
+
+def _serve(context: grpc.ServicerContext, handler, request):
+    """`handler(request)`, with a RequestError (or a server bug, as INTERNAL) turned into the RPC's status."""
+    # context.abort raises; calling it outside the try keeps that exception from counting as a server bug.
+    try:
+        return handler(request)
+    except RequestError as error:
+        failure = error
+    except Exception as error:  # a server bug must fail one request, not the process
+        log.exception("internal error")
+        failure = RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+    context.abort(failure.code, failure.message)
+
+
 def _decode_tensor(key: str, proto, spec: tf.TensorSpec, max_batch_size: int):
     """TensorProto -> numpy, checking dtype and declared shape first so a bogus shape is never allocated."""
     if proto.dtype != spec.dtype.as_datatype_enum:
@@ -112,27 +151,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, registry: ModelRegistry):
         self.registry = registry
 
-    def _call(self, context, handler, request):
-        # context.abort raises; calling it outside the try keeps that exception from counting as a server bug.
-        try:
-            return handler(request)
-        except RequestError as error:
-            failure = error
-        except Exception as error:  # a server bug must fail one request, not the process
-            log.exception("internal error")
-            failure = RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-        context.abort(failure.code, failure.message)
-
     def Predict(self, request, context):
-        return self._call(context, self._predict, request)
+        return _serve(context, self._predict, request)
 
     def GetModelMetadata(self, request, context):
-        return self._call(context, self._metadata, request)
+        return _serve(context, self._metadata, request)
 
     def _served(self, model_spec) -> ServedVersion:
-        if model_spec.version_label:
-            raise invalid(f"version labels are not supported by the dev server, got {model_spec.version_label!r}")
-        return self.registry.get(model_spec.name, model_spec.version.value if model_spec.HasField("version") else None)
+        return self.registry.get(model_spec.name, requested_version(model_spec))
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         served = self._served(request.model_spec)
@@ -159,6 +185,22 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         if fields != ["signature_def"]:
             raise invalid(f"metadata_field must be ['signature_def'] (the only metadata served), got {fields}")
         return metadata_response(served)
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """gRPC ModelService: GetModelStatus. HandleReloadConfigRequest stays UNIMPLEMENTED (config is fixed)."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+
+    def GetModelStatus(self, request, context):
+        return _serve(context, self._status, request)
+
+    def _status(self, request: get_model_status_pb2.GetModelStatusRequest):
+        if not request.HasField("model_spec"):
+            raise invalid("Missing ModelSpec")  # TF Serving's message
+        spec = request.model_spec
+        return status_response(self.registry, spec.name, requested_version(spec))
 
 
 class _RestHandler(http.server.BaseHTTPRequestHandler):
@@ -213,6 +255,9 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {method} {self.path}")
         registry: ModelRegistry = self.server.registry
         version = int(match["version"]) if match["version"] else None
+        if verb is None:  # TF Serving prints every field, defaults included ("error_code": "OK")
+            return json_format.MessageToDict(status_response(registry, match["name"], version),
+                                             always_print_fields_with_no_presence=True)
         served = registry.get(match["name"], version)
         if verb == "/metadata":  # TF Serving's layout: the SignatureDefMap unpacked, without an "@type"
             return {
@@ -225,9 +270,6 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                     preserving_proto_field_name=True,
                 )},
             }
-        if verb is None:
-            status = {"error_code": "OK", "error_message": ""}
-            return {"model_version_status": [{"version": str(served.version), "state": "AVAILABLE", "status": status}]}
         signature_name, fmt, payload = json_codec.parse_predict_body(body)
         _, specs = served.signature(signature_name)
         inputs = json_codec.decode_inputs(fmt, payload, specs)
@@ -282,8 +324,10 @@ class DevServer:
             options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                      ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
         )
-        servicer = PredictionServicer(self.registry)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, self._grpc)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(self.registry), self._grpc
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.registry), self._grpc)
         address = f"{self.host}:{self.grpc_port}"
         try:
             self.grpc_port = self._grpc.add_insecure_port(address)
@@ -331,7 +375,8 @@ class DevServer:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m serving.dev_server",
-        description="TF Serving-compatible development server (gRPC Predict/GetModelMetadata and REST). "
+        description="TF Serving-compatible development server (gRPC Predict/GetModelMetadata/GetModelStatus "
+        "and REST). "
         "For development and tests; production uses tensorflow_model_server, see serving/README.md.",
     )
     parser.add_argument("--model_base_path", help="directory holding integer version subdirectories")

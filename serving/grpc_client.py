@@ -1,11 +1,13 @@
-"""gRPC client for TF Serving's PredictionService (works with tensorflow_model_server and serving.dev_server).
+"""gRPC client for TF Serving's PredictionService and ModelService (tensorflow_model_server or serving.dev_server).
 
     from serving import grpc_client
     outputs = grpc_client.predict(images_uint8, "127.0.0.1", 8500, "plain")
     outputs["classes"], outputs["probabilities"]
+    grpc_client.status("127.0.0.1", 8500, "plain")  # [{"version": 1, "state": "AVAILABLE", ...}]
 
     python -m serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --idx=t10k-images-idx3-ubyte.gz \
         --limit=100 [--batch_size=64] [--json]
+    python -m serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --status [--version=N] [--json]
 
 Failures raise `ServingError` naming host:port: UNAVAILABLE when nothing answers there, the server's own
 detail (e.g. INVALID_ARGUMENT: wrong shape) when the request is refused.
@@ -20,7 +22,14 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format, wrappers_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from serving import client_common
 from serving.client_common import ServingError
@@ -41,6 +50,7 @@ class Client:
         self.model_name, self.timeout = model_name, timeout
         self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
 
     def _model_spec(self, signature_name: str = "", version: int | None = None) -> model_pb2.ModelSpec:
         spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature_name)
@@ -80,6 +90,12 @@ class Client:
             json_format.MessageToDict(signature_defs, preserving_proto_field_name=True),
         )
 
+    def status(self, version: int | None = None) -> list[dict]:
+        """GetModelStatus: every version's state (or `version`'s), in the form of `client_common.summarize_status`."""
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._model_spec(version=version))
+        response = self._call(self._model_stub.GetModelStatus, request)
+        return client_common.summarize_status(json_format.MessageToDict(response, preserving_proto_field_name=True))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -90,24 +106,7 @@ class Client:
         self.close()
 
 
-def predict(
-    images: np.ndarray,
-    host: str,
-    port: int,
-    model_name: str,
-    signature_name: str = "serving_default",
-    version: int | None = None,
-    timeout: float = 10.0,
-) -> dict[str, np.ndarray]:
-    """One Predict call on a fresh channel; use `Client` for many calls."""
-    with Client(host, port, model_name, timeout) as client:
-        return client.predict(images, signature_name, version)
-
-
-def metadata(host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0) -> dict:
-    """One GetModelMetadata call on a fresh channel."""
-    with Client(host, port, model_name, timeout) as client:
-        return client.metadata(version)
+predict, metadata, status = client_common.one_request_functions(Client, "gRPC")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

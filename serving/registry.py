@@ -10,6 +10,11 @@ integer directories without `saved_model.pb` are ignored, so an exporter that wr
 directory and renames it is never seen half-written. A version that fails to load (or whose warm-up
 requests fail) is logged and skipped; the previous version keeps serving, and the load is retried once the
 version's files change (a copy still in progress, or a fixed export).
+
+`ModelRegistry.status()` reports every version the registry has tried, the way TF Serving's
+GetModelStatus does: LOADING while it loads, AVAILABLE while served, END once replaced by a newer version
+(error code OK) or after a failed load (the load's error code and message). Both the gRPC ModelService and
+REST `GET /v1/models/<name>` answer from it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2, saved_model_pb2
 
 from serving import warmup
 
@@ -46,6 +51,25 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionStatus:
+    """One version's entry in GetModelStatus: names from TF Serving's ModelVersionStatus.State and error codes."""
+
+    version: int
+    state: str  # "LOADING", "AVAILABLE" or "END" (the dev server never reports START or UNLOADING)
+    error_code: str = "OK"  # tensorflow.error.Code name; not OK only for END after a failed load
+    error_message: str = ""
+
+
+def _load_error_status(version: int, error: Exception) -> VersionStatus:
+    """END with the failed load's code: a refused warm-up request keeps its own code, TF errors theirs."""
+    if isinstance(error, RequestError):
+        return VersionStatus(version, "END", error.code.name, error.message)
+    if isinstance(error, tf.errors.OpError):
+        return VersionStatus(version, "END", error_codes_pb2.Code.Name(error.error_code), error.message)
+    return VersionStatus(version, "END", "UNKNOWN", f"{type(error).__name__}: {error}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +231,10 @@ class ModelRegistry:
         self.models = dict(models)
         self.max_batch_size = max_batch_size
         self._served: dict[str, ServedVersion] = {}
-        self._lock = threading.Lock()  # guards _served (swapped by poll, read by requests)
+        # name -> version -> status of every version ever tried; entries are replaced, never removed, as in
+        # TF Serving's ServableStateMonitor, so a replaced or broken version stays visible to status checks.
+        self._states: dict[str, dict[int, VersionStatus]] = {name: {} for name in self.models}
+        self._lock = threading.Lock()  # guards _served and _states (written by poll, read by requests)
         self._poll_lock = threading.Lock()  # one scan at a time (background thread and explicit calls)
         self._reported: set[tuple[str, str]] = set()  # problems already logged, so polling does not spam
         # path -> file stamp of a version that failed to load: retried only once its files change.
@@ -241,20 +268,45 @@ class ModelRegistry:
             stamp = _file_stamp(path)
             if self._failed.get(path) == stamp:
                 continue
+            self._set_status(name, VersionStatus(version, "LOADING"))
             try:
                 served = load_version(name, version, path, self.max_batch_size)
             except Exception as error:  # any failure must leave the old version serving
                 self._failed[path] = stamp
+                self._set_status(name, _load_error_status(version, error))
                 still = f"version {current.version}" if current else "nothing"
                 log.warning("model %r: failed to load %s (%s: %s); still serving %s",
                             name, path, type(error).__name__, error, still)
                 continue
             with self._lock:
                 self._served[name] = served
+                self._states[name][version] = VersionStatus(version, "AVAILABLE")
+                if current is not None:  # unloaded cleanly: END with OK, as TF Serving reports it
+                    self._states[name][current.version] = VersionStatus(current.version, "END")
             self._reported = {k for k in self._reported if k[0] != name}
             log.info("model %r: serving version %d from %s (%d warm-up requests replayed)",
                      name, version, path, served.warmup_records)
             return
+
+    def _set_status(self, name: str, status: VersionStatus) -> None:
+        with self._lock:
+            self._states[name][status.version] = status
+
+    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """Status of every tried version of `name`, highest first, or of `version` only; NOT_FOUND otherwise.
+
+        The messages are TF Serving's, which gives the same answer for an unknown model and for a configured
+        model with nothing tried yet.
+        """
+        with self._lock:
+            states = dict(self._states.get(name, {}))
+        if version is None:
+            if not states:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
+            return [states[v] for v in sorted(states, reverse=True)]
+        if version not in states:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
+        return [states[version]]
 
     def get(self, name: str, version: int | None = None) -> ServedVersion:
         """The served version of `name` (checked against `version` if given); NOT_FOUND otherwise."""

@@ -1,9 +1,12 @@
-"""REST client for TF Serving's `:predict` API (tensorflow_model_server or serving.dev_server); urllib only.
+"""REST client for TF Serving's `:predict`, metadata and model status API (tensorflow_model_server or
+serving.dev_server); urllib only.
 
     from serving import rest_client
     outputs = rest_client.predict(images_uint8, "127.0.0.1", 8501, "plain")
+    rest_client.status("127.0.0.1", 8501, "plain")  # [{"version": 1, "state": "AVAILABLE", ...}]
 
     python -m serving.rest_client --server=127.0.0.1:8501 --model_name=plain --images_dir=some/pngs [--json]
+    python -m serving.rest_client --server=127.0.0.1:8501 --model_name=plain --status [--version=N] [--json]
 
 Requests use the row format ({"instances": [...]}); outputs come back as numpy arrays with the dtypes JSON
 can carry (float64 for float outputs, int64 for integer ones). Failures raise `ServingError` naming
@@ -81,6 +84,10 @@ class Client:
         reply = self._request(self._url(version, "/metadata"))
         return client_common.summarize_metadata(reply["model_spec"], reply["metadata"]["signature_def"])
 
+    def status(self, version: int | None = None) -> list[dict]:
+        """`GET /v1/models/<name>[/versions/<v>]`, in the form of `client_common.summarize_status`."""
+        return client_common.summarize_status(self._request(self._url(version, "")))
+
     def close(self) -> None:
         """Nothing to release: urllib opens one connection per request."""
 
@@ -91,22 +98,7 @@ class Client:
         self.close()
 
 
-def predict(
-    images: np.ndarray,
-    host: str,
-    port: int,
-    model_name: str,
-    signature_name: str = "serving_default",
-    version: int | None = None,
-    timeout: float = 10.0,
-) -> dict[str, np.ndarray]:
-    """One `:predict` request."""
-    return Client(host, port, model_name, timeout).predict(images, signature_name, version)
-
-
-def metadata(host: str, port: int, model_name: str, version: int | None = None, timeout: float = 10.0) -> dict:
-    """One `/metadata` request."""
-    return Client(host, port, model_name, timeout).metadata(version)
+predict, metadata, status = client_common.one_request_functions(Client, "REST")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -23,7 +23,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+    status_pb2,
+)
 
 from serving import dev_server, grpc_client, json_codec, rest_client, warmup
 from serving.client_common import ServingError
@@ -33,6 +40,8 @@ SHAPE = (8, 8, 1)
 CLASSES = 5
 MAX_BATCH = 16
 HOST = "127.0.0.1"
+# What both clients' status() return for the `served` fixture's single version.
+AVAILABLE_V1 = [{"version": 1, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}]
 IMAGES = np.random.default_rng(0).integers(0, 256, size=(MAX_BATCH, *SHAPE), dtype=np.uint8)
 
 
@@ -190,6 +199,80 @@ def test_unknown_model_or_version_is_not_found(served):
     assert rest(server.rest_port, "/v2/whatever")[0] == 404
 
 
+def status_request(name, version=None, label=""):
+    spec = model_pb2.ModelSpec(name=name, version_label=label)
+    if version is not None:
+        spec.version.value = version
+    return get_model_status_pb2.GetModelStatusRequest(model_spec=spec)
+
+
+def test_grpc_model_status_through_tf_serving_stub(served):
+    server, _ = served
+    expected = get_model_status_pb2.GetModelStatusResponse()
+    expected.model_version_status.add(version=1, state="AVAILABLE", status=status_pb2.StatusProto(error_code="OK"))
+    with grpc.insecure_channel(f"{HOST}:{server.grpc_port}") as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        for version in (None, 1):  # all versions, then the one asked for
+            response = stub.GetModelStatus(status_request("plain", version), timeout=10)
+            assert response == expected, version
+            assert response.model_version_status[0].state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+        refused = [
+            (status_request("nope"), grpc.StatusCode.NOT_FOUND, "Could not find any versions of model nope"),
+            (status_request("nope", 1), grpc.StatusCode.NOT_FOUND, "Could not find version 1 of model nope"),
+            (status_request("plain", 7), grpc.StatusCode.NOT_FOUND, "Could not find version 7 of model plain"),
+            (get_model_status_pb2.GetModelStatusRequest(), grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec"),
+        ]
+        for request, code, message in refused:
+            with pytest.raises(grpc.RpcError) as error:
+                stub.GetModelStatus(request, timeout=10)
+            assert (error.value.code(), error.value.details()) == (code, message)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.GetModelStatus(status_request("plain", label="stable"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "labels" in error.value.details()
+
+
+def test_rest_model_status(served):
+    server, _ = served
+    available = {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    ]}
+    assert rest(server.rest_port, "/v1/models/plain") == (200, available)
+    assert rest(server.rest_port, "/v1/models/plain/versions/1") == (200, available)
+    assert rest(server.rest_port, "/v1/models/nope") == (404, {"error": "Could not find any versions of model nope"})
+    assert rest(server.rest_port, "/v1/models/plain/versions/7") == (
+        404, {"error": "Could not find version 7 of model plain"})
+
+
+def test_client_status_helpers_agree(served):
+    server, _ = served
+    for version in (None, 1):
+        assert grpc_client.status(HOST, server.grpc_port, "plain", version) == AVAILABLE_V1
+        with rest_client.Client(HOST, server.rest_port, "plain") as client:
+            assert client.status(version) == AVAILABLE_V1
+    for model, version, message in (("nope", None, "Could not find any versions of model nope"),
+                                    ("plain", 7, "Could not find version 7 of model plain")):
+        for client, port in ((grpc_client, server.grpc_port), (rest_client, server.rest_port)):
+            with pytest.raises(ServingError) as error:
+                client.status(HOST, port, model, version)
+            assert (error.value.code, error.value.detail) == ("NOT_FOUND", message), client.__name__
+    for client in (grpc_client, rest_client):
+        with pytest.raises(ServingError) as error:
+            client.status(HOST, free_port(), "plain", timeout=5)
+        assert error.value.code == "UNAVAILABLE"
+
+
+def test_client_status_command_lines(served, capsys):
+    server, _ = served
+    assert grpc_client.main([f"--server={HOST}:{server.grpc_port}", "--model_name=plain", "--status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == AVAILABLE_V1
+    assert rest_client.main([f"--server={HOST}:{server.rest_port}", "--model_name=plain", "--status",
+                             "--version=1"]) == 0
+    assert capsys.readouterr().out == "plain\tversion 1\tAVAILABLE\n"
+    assert rest_client.main([f"--server={HOST}:{server.rest_port}", "--model_name=nope", "--status"]) == 1
+    assert "Could not find any versions of model nope" in capsys.readouterr().err
+
+
 def test_clients_name_a_down_server():
     port = free_port()
     for client in (grpc_client, rest_client):
@@ -209,6 +292,8 @@ def test_new_versions_are_picked_up_and_partial_ones_never_served(tmp_path):
         while server.registry.get("plain").version != 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not np.array_equal(expected_v1[0], expected_v2[0])
+        available_v2, ended_v1 = AVAILABLE_V1[0] | {"version": 2}, AVAILABLE_V1[0] | {"state": "END"}
+        assert grpc_client.status(HOST, server.grpc_port, "plain") == [available_v2, ended_v1]
         assert_matches(grpc_client.predict(IMAGES, HOST, server.grpc_port, "plain"), expected_v2)
         assert_matches(rest_client.predict(IMAGES, HOST, server.rest_port, "plain", version=2), expected_v2)
 
@@ -223,6 +308,12 @@ def test_new_versions_are_picked_up_and_partial_ones_never_served(tmp_path):
         for _ in range(3):
             server.registry.poll()
         assert server.registry.get("plain").version == 2
+        # Failed loads stay listed as END with their error, like TF Serving; ignored directories never appear.
+        statuses = rest_client.status(HOST, server.rest_port, "plain")
+        assert statuses == grpc_client.status(HOST, server.grpc_port, "plain")
+        assert [(s["version"], s["state"], s["error_code"]) for s in statuses] == [
+            (7, "END", "UNKNOWN"), (6, "END", "INVALID_ARGUMENT"), (2, "AVAILABLE", "OK"), (1, "END", "OK")]
+        assert "saved_model.pb" in statuses[0]["error_message"] and "shape" in statuses[1]["error_message"]
         for version in (3, 4, 6, 7):
             with pytest.raises(ServingError, match="NOT_FOUND"):
                 grpc_client.predict(IMAGES, HOST, server.grpc_port, "plain", version=version)
