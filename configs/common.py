@@ -29,7 +29,9 @@ def get_config():
 
     config.teacher = ml_collections.ConfigDict({
         "mode": "joint",  # "joint": trained alongside on its own CE; "pretrained": loaded, frozen
-        "path": "",  # pretrained: a .keras file, a workdir, or a checkpoint prefix
+        "path": "",  # pretrained: a .keras file, a workdir, a checkpoint prefix, or keras.applications.ResNet50
+        # (also ResNet101, ResNet152), which needs:
+        "weights": "",  # "imagenet" (downloaded by Keras) or a local .h5 / .weights.h5 file of that net
     })
 
     config.distill = ml_collections.ConfigDict({

@@ -14,8 +14,12 @@ Four sources, chosen by `config.data.source`:
 Data problems (missing, corrupt or unprepared data) raise `DataError`; bad config values raise
 `ValueError` quoting the received value.
 
-Pixel statistics: `mean`/`std` from the config when given, else the published values for the known
-datasets (by `name`), else 0.5/0.25 per channel, which maps [0, 255] roughly onto [-2, 2].
+Normalisation (`normalization`): `dataset` takes `mean`/`std` from the config when given, else the
+published values for the known datasets (by `name`), else 0.5/0.25 per channel, which maps [0, 255]
+roughly onto [-2, 2]. A pretrained teacher dictates its own: `caffe` (keras.applications ResNets:
+RGB -> BGR, then the ImageNet mean subtracted from [0, 255] pixels) or `torch` (ImageNet mean/std on
+[0, 1]). Every mode is `normalize`'s one affine map, after an optional channel reversal, so training,
+export and serving share it.
 """
 
 import dataclasses
@@ -39,6 +43,11 @@ KNOWN_STATS = {
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
 GENERIC_MEAN, GENERIC_STD = 0.5, 0.25
+NORMALIZATIONS = ("dataset", "caffe", "torch")
+CHANNEL_ORDERS = ("rgb", "bgr")
+# keras.applications.resnet.preprocess_input: BGR pixels minus the ImageNet BGR mean, scale kept. As
+# `normalize`'s (x / 255 - mean) / std, in BGR order:
+CAFFE_STATS = (tuple(m / 255.0 for m in (103.939, 116.779, 123.68)), (1.0 / 255.0,) * 3)
 # ImageNet evaluation: resize the shorter side to image_size / 0.875, then centre-crop (256 -> 224).
 CENTER_CROP_FRACTION = 0.875
 CIFAR_PAD = 4
@@ -59,6 +68,7 @@ class DatasetInfo:
     mean: tuple
     std: tuple
     eval_split: str = "test"  # "validation" when `validation_split` holds out part of the train split
+    channel_order: str = "rgb"  # "bgr": channels reversed before `mean`/`std` (given in BGR order) apply
 
 
 def default_data_config():
@@ -84,20 +94,29 @@ def default_data_config():
         "seed": 0,
         "mean": (),  # empty = known constants for `name`, else 0.5 per channel
         "std": (),
+        "normalization": "dataset",  # "dataset" (mean/std above) | "caffe" | "torch": as the pretrained teacher
     })
 
 
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def normalize(images, mean, std):
-    """`(images / 255 - mean) / std` as float32; pixel values in [0, 255], uint8 or float, any rank."""
+def normalize(images, mean, std, channel_order="rgb"):
+    """`(images / 255 - mean) / std` as float32; pixel values in [0, 255], uint8 or float, any rank.
+
+    `channel_order="bgr"` first reverses the channel axis (RGB images in, BGR out, as Caffe-era nets
+    expect); `mean` and `std` are then in BGR order."""
     if len(mean) != len(std) or not mean:
         raise ValueError(f"`mean` and `std` must be non-empty and of equal length. "
                          f"Received: mean={mean}, std={std}")
     if min(std) <= 0:
         raise ValueError(f"`std` must be positive. Received: std={std}")
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"`channel_order` must be one of {CHANNEL_ORDERS}. "
+                         f"Received: channel_order={channel_order!r}")
     images = tf.cast(images, tf.float32) / 255.0
+    if channel_order == "bgr":
+        images = images[..., ::-1]
     return (images - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
@@ -330,9 +349,23 @@ def check_config(cfg):
     if cfg.image_size is not None and (not isinstance(cfg.image_size, int) or cfg.image_size < 1):
         raise ValueError(f"`image_size` must be None or a positive integer. "
                          f"Received: image_size={cfg.image_size!r}")
+    if cfg.normalization not in NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {NORMALIZATIONS}. "
+                         f"Received: normalization={cfg.normalization!r}")
+    if cfg.normalization != "dataset" and (cfg.mean or cfg.std):
+        raise ValueError(f"`mean` and `std` apply to normalization='dataset' only; {cfg.normalization!r} "
+                         f"fixes its own. Received: mean={cfg.mean!r}, std={cfg.std!r}")
 
 
 def _stats(cfg, channels):
+    """`(mean, std, channel_order)` of `normalize` for `config.data`."""
+    if cfg.normalization != "dataset":
+        if channels != 3:
+            raise ValueError(f"normalization={cfg.normalization!r} is for RGB images (3 channels), these have "
+                             f"{channels}. Received: normalization={cfg.normalization!r}")
+        if cfg.normalization == "caffe":
+            return (*CAFFE_STATS, "bgr")
+        return (*KNOWN_STATS["imagenet2012"], "rgb")
     if cfg.mean or cfg.std:
         mean, std = tuple(map(float, cfg.mean)), tuple(map(float, cfg.std))
     elif cfg.source in ("idx", "tfds") and cfg.name in KNOWN_STATS:
@@ -342,7 +375,7 @@ def _stats(cfg, channels):
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"`mean` and `std` need one value per channel ({channels}). "
                          f"Received: mean={mean}, std={std}")
-    return mean, std
+    return mean, std, "rgb"
 
 
 def _image_shape(ds, cfg):
@@ -392,9 +425,9 @@ def _eval_pipeline(ds, cfg):
     return ds.cache() if cfg.cache else ds
 
 
-def _normalize_batches(ds, mean, std):
+def _normalize_batches(ds, mean, std, channel_order="rgb"):
     # Normalising whole batches is cheaper than per image.
-    ds = ds.map(lambda x, y: (normalize(x, mean, std), y), tf.data.AUTOTUNE)
+    ds = ds.map(lambda x, y: (normalize(x, mean, std, channel_order), y), tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -403,8 +436,9 @@ class TrainPasses:
     from (data.seed, e) alone, so any pass can be rebuilt exactly, in any process. A pass has
     `batches_per_pass = train_examples // batch_size` batches (the remainder is dropped)."""
 
-    def __init__(self, examples, cfg, mean, std, batches_per_pass):
+    def __init__(self, examples, cfg, mean, std, batches_per_pass, channel_order="rgb"):
         self._examples, self._cfg, self._mean, self._std = examples, cfg, mean, std
+        self._channel_order = channel_order
         self.batches_per_pass = batches_per_pass
 
     def one_pass(self, epoch, skip_batches=0):
@@ -416,7 +450,8 @@ class TrainPasses:
             raise ValueError(f"Need an integer epoch >= 0 and 0 <= skip_batches < {self.batches_per_pass}. "
                              f"Received: epoch={epoch!r}, skip_batches={skip_batches!r}")
         ds = _train_pass(self._examples, self._cfg, epoch, skip_batches * self._cfg.batch_size)
-        return _normalize_batches(ds.batch(self._cfg.batch_size, drop_remainder=True), self._mean, self._std)
+        return _normalize_batches(ds.batch(self._cfg.batch_size, drop_remainder=True), self._mean, self._std,
+                                  self._channel_order)
 
 
 def pipelines(config):
@@ -437,14 +472,15 @@ def pipelines(config):
     else:
         evals, eval_count, _ = _load(cfg, "test", cfg.eval_subset)
     image_shape = _image_shape(train, cfg)
-    mean, std = _stats(cfg, image_shape[-1])
+    mean, std, order = _stats(cfg, image_shape[-1])
     if train_count < cfg.batch_size:
         raise ValueError(f"`batch_size` exceeds the {train_count} train examples, so an epoch would be "
                          f"empty. Received: batch_size={cfg.batch_size}")
-    passes = TrainPasses(_train_examples(train, cfg), cfg, mean, std, train_count // cfg.batch_size)
-    eval_ds = _normalize_batches(_eval_pipeline(evals, cfg).batch(cfg.batch_size), mean, std)
+    passes = TrainPasses(_train_examples(train, cfg), cfg, mean, std, train_count // cfg.batch_size, order)
+    eval_ds = _normalize_batches(_eval_pipeline(evals, cfg).batch(cfg.batch_size), mean, std, order)
     split = "validation" if cfg.validation_split else "test"
-    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std, split)
+    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std, split,
+                                        order)
 
 
 def test_dataset(config, info):
@@ -452,7 +488,8 @@ def test_dataset(config, info):
     given): for the one final test evaluation of a run that chose on a validation split."""
     cfg = config.data
     ds, count, _ = _load(cfg, "test", cfg.eval_subset)
-    return _normalize_batches(_eval_pipeline(ds, cfg).batch(cfg.batch_size), info.mean, info.std), count
+    return _normalize_batches(_eval_pipeline(ds, cfg).batch(cfg.batch_size), info.mean, info.std,
+                              info.channel_order), count
 
 
 def datasets(config):

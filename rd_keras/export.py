@@ -63,7 +63,8 @@ def dataset_info(config):
         return data.DatasetInfo(
             num_classes=int(fields.num_classes), image_shape=tuple(fields.image_shape),
             train_examples=int(fields.train_examples), eval_examples=int(fields.eval_examples),
-            mean=tuple(fields.mean), std=tuple(fields.std))
+            mean=tuple(fields.mean), std=tuple(fields.std),
+            channel_order=fields.get("channel_order", "rgb"))
     return data.datasets(config)[2]
 
 
@@ -147,7 +148,8 @@ def _dir_size(path):
 def _export_saved_model(folded, export_dir, model_name, info, images, labels, reference, progress):
     version, path = saved_model_export.export_version(
         folded, os.path.join(export_dir, "saved_model", model_name), image_shape=info.image_shape,
-        mean=info.mean, std=info.std, warmup_images=images, model_name=model_name)
+        mean=info.mean, std=info.std, channel_order=info.channel_order, warmup_images=images,
+        model_name=model_name)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     probabilities = np.concatenate([
         serve(images=tf.constant(batch))["probabilities"].numpy()
@@ -178,7 +180,7 @@ def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalis
     calibration = None
     if "int8" in quantize:
         raw, _ = data.raw_examples(config, "train", calibration_examples)
-        calibration = data.normalize(raw, info.mean, info.std).numpy()
+        calibration = data.normalize(raw, info.mean, info.std, info.channel_order).numpy()
     results = {}
     for quant in quantize + (("qat",) if qat_steps else ()):
         path = os.path.join(tflite_dir, f"plain_{quant}.tflite")
@@ -217,7 +219,7 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
                          f"but config.json's data pipeline yields {info.image_shape}.")
 
     images, labels = data.raw_examples(config, "test", eval_examples)
-    normalised = data.normalize(images, info.mean, info.std).numpy()
+    normalised = data.normalize(images, info.mean, info.std, info.channel_order).numpy()
     logits = _keras_logits(classifier, normalised, progress, "keras")
     unfolded = _keras_logits(folding.float32_copy(classifier), normalised, progress, "float32")
     fold_diff = float(np.abs(_keras_logits(folded, normalised, progress, "folded") - unfolded).max())
@@ -243,7 +245,8 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         "workdir": os.path.abspath(workdir),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": config.get("model", ml_collections.ConfigDict()).to_dict(),
-        "data": {"image_shape": list(info.image_shape), "mean": list(info.mean), "std": list(info.std)},
+        "data": {"image_shape": list(info.image_shape), "mean": list(info.mean), "std": list(info.std),
+                 "channel_order": info.channel_order},
         "eval": {"split": "test", "examples": int(len(labels))},
         "fold": {"max_abs_logit_diff": fold_diff, "params": int(folded.count_params()),
                  "layers": len(folded.layers), "unfolded_params": int(classifier.count_params())},

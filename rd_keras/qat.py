@@ -40,6 +40,7 @@ _LAYER_ARGS = {
     "GlobalAveragePooling2D": ("keepdims",),
     "MaxPooling2D": ("pool_size", "strides", "padding"),
     "AveragePooling2D": ("pool_size", "strides", "padding"),
+    "ZeroPadding2D": ("padding",),  # the symmetric stem of keras.applications-style nets
 }
 
 

@@ -7,8 +7,9 @@ directory and leaves the existing versions untouched.
 
 Signatures (written with `keras.export.ExportArchive`; TF Serving's loader rejects a Keras 3 model saved
 with `tf.saved_model.save`):
-- `serving_default`: `images` uint8 `[N, H, W, C]`, raw pixels at the training image size; normalisation
-  (`rd_keras.data.normalize`) runs inside the graph.
+- `serving_default`: `images` uint8 `[N, H, W, C]`, raw pixels (RGB for colour) at the training image size;
+  normalisation (`rd_keras.data.normalize`, with the channel reversal of BGR-trained nets) runs inside the
+  graph.
 - `predict_preprocessed`: `images` float32 `[N, H, W, C]`, already normalised.
 Both return `probabilities` (float32 `[N, classes]`, softmax) and `classes` (int64 `[N]`, argmax).
 """
@@ -47,14 +48,14 @@ def _outputs(logits):
             "classes": tf.argmax(logits, axis=-1, output_type=tf.int64)}
 
 
-def build_archive(folded, image_shape, mean, std):
+def build_archive(folded, image_shape, mean, std, channel_order="rgb"):
     """An ExportArchive tracking only `folded` (so no teacher or optimizer variable can leak in)."""
     archive = keras.export.ExportArchive()
     archive.track(folded)
     shape = [None, *image_shape]
     archive.add_endpoint(
         "serving_default",
-        lambda images: _outputs(folded(data.normalize(images, mean, std), training=False)),
+        lambda images: _outputs(folded(data.normalize(images, mean, std, channel_order), training=False)),
         input_signature=[tf.TensorSpec(shape, tf.uint8, name=INPUT_KEY)])
     archive.add_endpoint(
         "predict_preprocessed",
@@ -101,7 +102,7 @@ def _publish(tmp_dir, model_dir):
         version += 1
 
 
-def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, model_name):
+def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, model_name, channel_order="rgb"):
     """Writes a complete new version of `folded` under `model_dir`; returns `(version, path)`."""
     os.makedirs(model_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".tmp-", dir=model_dir)
@@ -110,7 +111,7 @@ def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, 
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_dir, 0o777 & ~umask)
-        archive = build_archive(folded, tuple(image_shape), tuple(mean), tuple(std))
+        archive = build_archive(folded, tuple(image_shape), tuple(mean), tuple(std), channel_order)
         archive.write_out(tmp_dir, verbose=False)
         write_warmup(tmp_dir, warmup_images, model_name)
         return _publish(tmp_dir, model_dir)

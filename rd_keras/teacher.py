@@ -5,7 +5,9 @@
 - a `.keras` file saved by this project (`resnet.keras` of a supervised `shortcuts="all"` run or of a
   joint RD run);
 - a workdir: its `resnet.keras` if present, else the ResNet in its latest checkpoint (an unfinished run);
-- a checkpoint prefix such as `W/checkpoints/ckpt-1200` (the run's config.json is read from `W`).
+- a checkpoint prefix such as `W/checkpoints/ckpt-1200` (the run's config.json is read from `W`);
+- `keras.applications.ResNet50` (or ResNet101, ResNet152) with `config.teacher.weights` = "imagenet" or a
+  local weights file, rebuilt by our builder (`rd_keras.pretrained`).
 
 The teacher is rebuilt from the current config inside the current distribution scope and the weights are
 copied in, so a mismatch in architecture, width, stem, input shape or class count is caught, named, and
@@ -19,7 +21,7 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import architectures
+from rd_keras import architectures, pretrained
 from rd_keras.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE
 
 
@@ -29,16 +31,29 @@ class TeacherError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherSource:
-    kind: str  # "keras" or "checkpoint"
-    path: str  # the .keras file or the checkpoint prefix
+    kind: str  # "keras", "checkpoint" or "application"
+    path: str  # the .keras file, the checkpoint prefix or the keras.applications name
     config_path: str = ""  # the source run's config.json (checkpoints only)
+    weights: str = ""  # applications only: "imagenet" or the weights file ...
+    classes: int = 0  # ... and the class count of its head
 
 
-def resolve(path: str) -> TeacherSource:
-    """Finds what `path` points at, without loading it; raises TeacherError naming what was looked for."""
+def resolve(path: str, weights: str = "") -> TeacherSource:
+    """Finds what `path` (and, for keras.applications, `weights`) points at, without loading a model;
+    raises TeacherError naming what was looked for."""
     if not path:
         raise TeacherError("config.teacher.mode='pretrained' needs config.teacher.path: a .keras file, a "
-                           "workdir, or a checkpoint prefix of a ResNet trained by this project.")
+                           "workdir, or a checkpoint prefix of a ResNet trained by this project, or "
+                           f"{pretrained.PREFIX}<Name>.")
+    if pretrained.is_application(path):
+        try:  # reads the weights file's array shapes, so a wrong file fails before the data is loaded
+            classes = pretrained.check_weights(path, weights)
+        except pretrained.PretrainedError as e:
+            raise TeacherError(str(e)) from None
+        return TeacherSource("application", path, weights=weights, classes=classes)
+    if weights:
+        raise TeacherError(f"config.teacher.weights={weights!r} applies to {pretrained.PREFIX}<Name> teachers "
+                           f"only; config.teacher.path={path!r} brings its own weights.")
     path = os.path.expanduser(path)
     if path.endswith(".keras"):
         if not os.path.isfile(path):
@@ -117,6 +132,14 @@ def _load_checkpoint(source, expected, model_config, num_classes):
 
 def load(source: TeacherSource, *, model_config, num_classes: int, input_shape) -> keras.Model:
     """Builds the configured ResNet in the current scope, fills in the pretrained weights, freezes it."""
+    if source.kind == "application":
+        try:
+            teacher = pretrained.load(source.path, source.weights, num_classes=num_classes,
+                                      input_shape=tuple(input_shape))
+        except pretrained.PretrainedError as e:
+            raise TeacherError(str(e)) from None
+        teacher.trainable = False
+        return teacher
     teacher = architectures.build(model_config.arch, shortcuts="all", num_classes=num_classes,
                                   input_shape=tuple(input_shape), width=model_config.width,
                                   stem=model_config.stem or None)

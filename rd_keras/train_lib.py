@@ -21,7 +21,8 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, data, distill, export, hybrid, schedules, teacher, transfer
+from rd_keras import (architectures, checkpointing, data, distill, export, hybrid, pretrained, schedules, teacher,
+                      transfer)
 from rd_keras.loop import TrainLoop
 
 TRAIN_MODES = ("distill", "supervised", "transfer")
@@ -104,6 +105,11 @@ def validate(config):
         _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
     if t.mode == "distill":
         _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
+        if config.teacher.mode == "pretrained":
+            try:
+                pretrained.check_config(config)
+            except pretrained.PretrainedError as e:
+                raise ConfigError(str(e)) from None
         _number(d.temperature, "distill.temperature", 0, low_open=True)
         _number(d.kd_alpha, "distill.kd_alpha", 0)
         _number(d.blend_floor, "distill.blend_floor", 0, 1)
@@ -169,10 +175,10 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch, floor=config.distill.blend_floor,
                                       blend_epochs=config.distill.blend_epochs)
 
-    def net(shortcuts):
+    def net(shortcuts):  # with a keras.applications teacher, the student takes its layer variant
         return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
                                    input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
-                                   dirac=m.dirac)
+                                   dirac=m.dirac, **pretrained.build_options(config))
 
     loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
                                   temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
@@ -248,7 +254,7 @@ def run(config, workdir):
     strategy = make_strategy(config.train.strategy)
     teacher_source = None
     if config.train.mode == "distill" and config.teacher.mode == "pretrained":
-        teacher_source = teacher.resolve(config.teacher.path)
+        teacher_source = teacher.resolve(config.teacher.path, config.teacher.weights)
     transfer_source, derived = None, {}
     if config.train.mode == "transfer":
         source = transfer.resolve(config.transfer["from"])
