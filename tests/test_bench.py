@@ -219,6 +219,8 @@ def test_report_without_results_fails_clearly(tmp_path, capsys):
     (["memory", "--rss_engines=gpu"], "gpu"),
     (["train-step", "--precisions=float8"], "float8"),
     (["accuracy", "--depths=21"], "21"),
+    (["accuracy", "--seeds=0,x"], "0,x"),
+    (["train-step", "--arch=resnet20", "--hybrid_points=every_k_blocks:0"], "every_k_blocks:0"),
 ])
 def test_bad_flags_are_named(args, quoted, capsys):
     with pytest.raises(SystemExit) as e:
