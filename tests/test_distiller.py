@@ -3,6 +3,7 @@ MirroredStrategy, mixed precision, make_plain and the pair check, the schedules,
 
 import csv
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -251,9 +252,10 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     images = tf.concat([tf.concat([h[0]] * 2, 0) for h in halves], 0)
     labels = tf.concat([tf.concat([h[1]] * 2, 0) for h in halves], 0)
     ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2 * BATCH)
-    multi_logs = multi.fit(ds, epochs=1, verbose=0).history
-    single_logs = single.fit(ds, epochs=1, verbose=0).history
-    for k in ("loss", "plain_loss", "accuracy", "hybrid_1_loss", "teacher_loss", "blend", "learning_rate"):
+    multi_logs = multi.fit(ds, epochs=1, verbose=0, validation_data=ds).history
+    single_logs = single.fit(ds, epochs=1, verbose=0, validation_data=ds).history
+    for k in ("loss", "plain_loss", "accuracy", "hybrid_1_loss", "teacher_loss", "blend", "learning_rate",
+              "val_loss", "val_accuracy", "val_hybrid_2_accuracy", "val_teacher_accuracy"):
         np.testing.assert_allclose(multi_logs[k], single_logs[k], rtol=1e-4, err_msg=k)
     for role in ("student", "teacher"):
         for v, w in zip(getattr(multi, role).weights, getattr(single, role).weights):
@@ -266,6 +268,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh interpreter and graph tracing: 25-115 s on 2 busy cores
 def test_mirrored_two_replicas_match_single_device(tmp_path):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
@@ -361,6 +364,7 @@ def test_schedule_objects_serialise_and_match_the_functions():
 # ----------------------------------------------------------------------------- the example
 
 
+@pytest.mark.slow  # a fresh interpreter and graph tracing: 25-115 s on 2 busy cores
 def test_example_script_smoke(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
            "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
@@ -370,7 +374,6 @@ def test_example_script_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     plain = keras.saving.load_model(workdir / "plain.keras", compile=False)
     assert plain.name == "plain8" and not any(layer.name.endswith("_add") for layer in plain.layers)
-    import json
     with open(workdir / "export" / "report.json") as f:
         report = json.load(f)
     artefacts = report["artefacts"]
