@@ -70,6 +70,7 @@ def get_config():
         # a plain.keras or resnet.keras file, a workdir (its plain.keras, else resnet.keras), or
         # keras.applications.<Name> (converted by rd_keras.pretrained)
         "from": "",
+        "weights": "imagenet",  # keras.applications sources only: "imagenet" or a local .h5 / .weights.h5 file
         "freeze_stages": 0,  # leading stages kept frozen, stem included (1 = the stem); their BN in inference mode
     })
 

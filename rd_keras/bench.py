@@ -4,6 +4,7 @@
     python -m rd_keras.bench memory      [--archs=...] [--json=F]
     python -m rd_keras.bench train-step  [--arch=resnet56] [--json=F]
     python -m rd_keras.bench accuracy    [--epochs=5 --width=0.5 --train_subset=10000] [--out=runs/acc]
+    python -m rd_keras.bench transfer    [--depth=20 --width=0.5 --epochs=2] [--out=runs/transfer] [--json=F]
     python -m rd_keras.bench report      (docs/results/*.json -> docs/results.md and docs/img/*.png)
 
 Every sub-command prints a table and, with `--json`, writes every number with the machine, the settings
@@ -26,6 +27,7 @@ COMMANDS = {
     "memory": "rd_keras.bench_memory",
     "train-step": "rd_keras.bench_train_step",
     "accuracy": "rd_keras.bench_accuracy",
+    "transfer": "rd_keras.bench_transfer",
     "report": "rd_keras.bench_report",
 }
 

@@ -1,6 +1,6 @@
 """`bench report`: regenerate docs/results.md and its plots from the JSON files the other commands saved.
 
-Reads `<results_dir>/{inference,memory,train_step,accuracy}.json` (any that exist), writes `--out`
+Reads `<results_dir>/{inference,memory,train_step,accuracy,transfer}.json` (any that exist), writes `--out`
 (markdown: machine, budget, date and exact command of every measurement, the tables, and the comparison
 with the paper's claims computed from the numbers) and PNG plots under `--img_dir` (matplotlib, Agg):
 `accuracy_curves.png`, `grad_norms.png`, `inference.png`, `memory.png`. Nothing is measured here.
@@ -16,6 +16,7 @@ from rd_keras import bench_common as common
 from rd_keras.bench_common import md_table, provenance
 
 FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
+         "transfer": "transfer.json",
          "accuracy": "accuracy.json"}
 PAPER = {"speedup": 1.4, "memory_ratio": 1.25, "memory_share": 0.40}
 
@@ -243,6 +244,10 @@ def run(args):
         sections.append(memory_section(found["memory"], img))
     if "train-step" in found:
         sections.append(train_step_section(found["train-step"]))
+    if "transfer" in found:
+        from rd_keras import bench_transfer
+
+        sections.append(bench_transfer.report_section(found["transfer"]))
     notes = os.path.join(args.results_dir, "notes.md")
     if os.path.isfile(notes):  # hand-written reading of the numbers, kept next to the JSON it discusses
         with open(notes) as f:

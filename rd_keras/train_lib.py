@@ -257,7 +257,7 @@ def run(config, workdir):
         teacher_source = teacher.resolve(config.teacher.path, config.teacher.weights)
     transfer_source, derived = None, {}
     if config.train.mode == "transfer":
-        source = transfer.resolve(config.transfer["from"])
+        source = transfer.resolve(config.transfer["from"], config.transfer.weights)
         transfer_source = transfer.load(source)
         recipe = transfer.recipe_of(transfer_source)
         # Only plain nets are exported: say so now rather than after training.

@@ -5,10 +5,11 @@ names it:
 
 - a `.keras` file saved by this project (`plain.keras` or `resnet.keras`);
 - a workdir of this project: its `plain.keras`, else its `resnet.keras`;
-- `keras.applications.<Name>` (e.g. `keras.applications.ResNet50`), converted by `rd_keras.pretrained`.
+- `keras.applications.<Name>` (ResNet50, ResNet101, ResNet152) with `transfer.weights` ("imagenet" or a
+  local weights file), converted by `rd_keras.pretrained`; such a net expects `data.normalization="caffe"`.
 
 The net is rebuilt by `architectures.build` with the source's own architecture (depth, width, stem,
-shortcuts, Dirac convs, read off the loaded model and checked weight by weight) for the new input shape and
+shortcuts, Dirac convs, builder options, read off the loaded model and checked weight by weight) for the new input shape and
 class count; every weight but the classifier head (`logits`) is copied, the head starts fresh. Rebuilding,
 rather than editing the loaded model, is what keeps export, folding and checkpoints working unchanged. A
 fine-tuned plain net is saved as `plain.keras` (so `rd_keras.export` ships it), a fine-tuned ResNet as
@@ -46,16 +47,17 @@ class TransferError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Source:
     kind: str  # "keras" (a .keras file of ours) or "applications" (a keras.applications name)
-    path: str  # the file, or the application's name (e.g. "ResNet50")
+    path: str  # the file, or the application's full name (e.g. "keras.applications.ResNet50")
+    weights: str = ""  # applications only: "imagenet" or a weights file
 
 
-def resolve(path: str) -> Source:
+def resolve(path: str, weights: str = "") -> Source:
     """What `config.transfer.from` points at, without loading it; raises TransferError naming the path."""
     if not path:
         raise TransferError("config.train.mode='transfer' needs config.transfer.from: a plain.keras or "
                             "resnet.keras file, a workdir of this project, or keras.applications.<Name>.")
     if path.startswith(APPLICATIONS_PREFIX):
-        return Source("applications", path[len(APPLICATIONS_PREFIX):])
+        return Source("applications", path, weights)
     path = os.path.expanduser(path)
     if path.endswith(".keras"):
         if not os.path.isfile(path):
@@ -72,23 +74,19 @@ def resolve(path: str) -> Source:
                         f"{APPLICATIONS_PREFIX}<Name>.")
 
 
-def _load_application(name):
+def _load_application(source):
+    from rd_keras import pretrained
+
     try:
-        from rd_keras import pretrained
-    except ImportError:
-        raise TransferError(f"config.transfer.from='{APPLICATIONS_PREFIX}{name}': converting keras.applications "
-                            "nets needs rd_keras/pretrained.py, which this version does not have. Transfer "
-                            "from a .keras file or a workdir of this project instead.") from None
-    try:
-        return pretrained.load(name)
-    except Exception as e:  # unknown names, missing weight files: one message naming the source
-        raise TransferError(f"config.transfer.from='{APPLICATIONS_PREFIX}{name}': {type(e).__name__}: {e}") from None
+        return pretrained.load(source.path, source.weights)
+    except pretrained.PretrainedError as e:  # unknown names, weight files of other nets, no network
+        raise TransferError(f"config.transfer.from={source.path!r}: {str(e).replace('teacher.', 'transfer.')}") from None
 
 
 def load(source: Source) -> keras.Model:
     """The source net as saved (a functional model of `architectures.build`, dict output)."""
     if source.kind == "applications":
-        return _load_application(source.path)
+        return _load_application(source)
     try:
         model = keras.saving.load_model(source.path, compile=False)
         model.get_layer("stem_conv"), model.get_layer(HEAD)
@@ -107,6 +105,7 @@ class Recipe:
     width: float
     stem: str
     dirac: bool
+    options: tuple = ()  # (name, value) of the builder options (bottleneck_stride, stem_padding, bn_epsilon)
 
     @property
     def role(self) -> str:
@@ -129,7 +128,11 @@ def recipe_of(model) -> Recipe:
     width = last / (spec.widths[-1] * (4 if spec.block == "bottleneck" else 1))
     stem = "cifar" if model.get_layer("stem_conv").kernel_size == (3, 3) else "imagenet"
     dirac = any(isinstance(layer, DiracConv2D) for layer in model.layers)
-    return Recipe(arch, shortcuts, width, stem, dirac)
+    strided = spec.block == "bottleneck" and model.get_layer("stage2_block1_conv1").strides == (2, 2)
+    options = (("bottleneck_stride", "1x1" if strided else "3x3"),
+               ("stem_padding", "symmetric" if "stem_pad" in names else "same"),
+               ("bn_epsilon", float(model.get_layer("stem_bn").epsilon)))
+    return Recipe(arch, shortcuts, width, stem, dirac, options)
 
 
 def copy_shared_weights(source, target, skip=()):
@@ -166,7 +169,7 @@ def rebuild(source_model, *, num_classes: int, input_shape, copy: bool = True) -
                             f"{input_shape[-1]} (set config.data.channels={theirs[-1]} for an image folder).")
     model = architectures.build(recipe.arch, shortcuts=recipe.shortcuts, num_classes=num_classes,
                                 input_shape=tuple(input_shape), width=recipe.width, stem=recipe.stem,
-                                dirac=recipe.dirac, name=source_model.name)
+                                dirac=recipe.dirac, name=source_model.name, **dict(recipe.options))
     body = [(w.path, tuple(w.shape)) for w in model.weights if not w.path.startswith(HEAD + "/")]
     if body != [(w.path, tuple(w.shape)) for w in source_model.weights if not w.path.startswith(HEAD + "/")]:
         raise TransferError(f"Cannot rebuild {source_model.name} ({recipe}) with rd_keras.architectures: its "
