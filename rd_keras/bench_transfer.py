@@ -260,4 +260,12 @@ def report_section(payload) -> str:
         lines.append(f"At this budget the RD plain net transfers {abs(gap):.1f} points {verdict} its ResNet on the "
                      "target classes. One seed and a small budget: differences of a few points are within "
                      "run-to-run noise.")
+    tuned = [r["target_test_acc"] for name, r in rows.items() if not name.startswith("scratch")]
+    scratch = [r["target_test_acc"] for name, r in rows.items() if name.startswith("scratch")]
+    if tuned and scratch:
+        helped = max(tuned) > max(scratch)
+        lines.append(f"Fine-tuned nets reach {100 * min(tuned):.1f}-{100 * max(tuned):.1f}%, nets trained on the "
+                     f"target alone {100 * min(scratch):.1f}-{100 * max(scratch):.1f}%: at this budget the source "
+                     + ("training helped." if helped else "training did not help, so this run does not separate "
+                        "how well plain and ResNet features transfer; a longer source training is needed for that."))
     return "\n\n".join(lines)
