@@ -95,7 +95,7 @@ def _file_layout(path):
             f.visititems(lambda name, item: shapes.update(
                 [tuple(item.shape)] if isinstance(item, h5py.Dataset) and item.shape else []))
     except OSError as e:
-        raise PretrainedError(f"config.teacher.weights={path!r}: not a readable HDF5 weights file ({e}).") from None
+        raise PretrainedError(f"weights={path!r}: not a readable HDF5 weights file ({e}).") from None
     return shapes
 
 
@@ -121,25 +121,25 @@ def check_weights(path: str, weights: str) -> int:
     if weights == IMAGENET:
         return IMAGENET_CLASSES
     if not weights:
-        raise PretrainedError(f"config.teacher.path={path!r} needs config.teacher.weights: {IMAGENET!r} "
+        raise PretrainedError(f"{path!r} needs weights: {IMAGENET!r} "
                               "(downloaded by Keras) or a local .h5 / .weights.h5 file of that net.")
     weights = os.path.expanduser(weights)
     if not weights.endswith(WEIGHT_SUFFIXES):
-        raise PretrainedError(f"config.teacher.weights={weights!r}: expected {IMAGENET!r} or a file ending in "
+        raise PretrainedError(f"weights={weights!r}: expected {IMAGENET!r} or a file ending in "
                               f"{' or '.join(WEIGHT_SUFFIXES)}.")
     if not os.path.isfile(weights):
-        raise PretrainedError(f"config.teacher.weights={weights!r}: file not found.")
+        raise PretrainedError(f"weights={weights!r}: file not found.")
     arch = APPLICATIONS[name]
     body, classes = _split_head(_file_layout(weights), _head_width(architectures.get_spec(arch)))
     if body != layout(arch, None):
         alike = [PREFIX + n for n, a in APPLICATIONS.items() if body == layout(a, None)]
         seen = f": the layout of {alike[0]}" if alike else ": no keras.applications ResNet v1"
         raise PretrainedError(
-            f"config.teacher.weights={weights!r} holds another network than config.teacher.path={path!r}.\n"
+            f"weights={weights!r} holds another network than {path!r}.\n"
             f"  weights {weights}: {_describe(body)}{seen}\n"
             f"  teacher {PREFIX}{name}: {_describe(layout(arch, None))}")
     if classes is None:
-        raise PretrainedError(f"config.teacher.weights={weights!r}: a {PREFIX}{name} without its classifier head "
+        raise PretrainedError(f"weights={weights!r}: a {PREFIX}{name} without its classifier head "
                               "(saved with include_top=False); RD trains through the teacher's head, so the file "
                               "must include it.")
     return classes
@@ -167,7 +167,7 @@ def source_model(path: str, weights: str, classes: int):
             return factory(weights=IMAGENET, classifier_activation=None)
         except Exception as e:  # offline: urllib, socket and HTTP errors all look different
             raise PretrainedError(
-                f"config.teacher.weights='imagenet': Keras could not get the ImageNet weights of {PREFIX}{name} "
+                f"weights='imagenet': Keras could not get the ImageNet weights of {PREFIX}{name} "
                 f"({type(e).__name__}: {e}). On a machine without network, save them once elsewhere "
                 f"({PREFIX}{name}(weights='imagenet').save_weights('{name.lower()}.weights.h5')) and pass "
                 "that file.") from None
@@ -175,7 +175,7 @@ def source_model(path: str, weights: str, classes: int):
     try:
         model.load_weights(weights)
     except Exception as e:  # the layout check passed, so this is a damaged or reordered file
-        raise PretrainedError(f"config.teacher.weights={weights!r}: cannot be loaded into {PREFIX}{name} "
+        raise PretrainedError(f"weights={weights!r}: cannot be loaded into {PREFIX}{name} "
                               f"({type(e).__name__}: {e}).") from None
     return model
 

@@ -49,7 +49,7 @@ def resolve(path: str, weights: str = "") -> TeacherSource:
         try:  # reads the weights file's array shapes, so a wrong file fails before the data is loaded
             classes = pretrained.check_weights(path, weights)
         except pretrained.PretrainedError as e:
-            raise TeacherError(str(e)) from None
+            raise TeacherError(f"config.teacher: {e}") from None
         return TeacherSource("application", path, weights=weights, classes=classes)
     if weights:
         raise TeacherError(f"config.teacher.weights={weights!r} applies to {pretrained.PREFIX}<Name> teachers "
@@ -137,7 +137,7 @@ def load(source: TeacherSource, *, model_config, num_classes: int, input_shape) 
             teacher = pretrained.load(source.path, source.weights, num_classes=num_classes,
                                       input_shape=tuple(input_shape))
         except pretrained.PretrainedError as e:
-            raise TeacherError(str(e)) from None
+            raise TeacherError(f"config.teacher: {e}") from None
         teacher.trainable = False
         return teacher
     teacher = architectures.build(model_config.arch, shortcuts="all", num_classes=num_classes,

@@ -118,7 +118,7 @@ def test_weights_of_another_architecture_are_refused_naming_both(resnet50_10, tm
 
 @pytest.mark.parametrize("path, weights, message", [
     ("keras.applications.ResNet18", "imagenet", r"Unknown keras.applications teacher 'keras.applications.ResNet18'"),
-    ("keras.applications.ResNet50", "", r"needs config.teacher.weights"),
+    ("keras.applications.ResNet50", "", r"config.teacher: 'keras.applications.ResNet50' needs weights: 'imagenet'"),
     ("keras.applications.ResNet50", "/nonexistent/r50.weights.h5", r"'/nonexistent/r50.weights.h5': file not found"),
     ("keras.applications.ResNet50", "r50.keras", r"weights='r50.keras': expected 'imagenet' or a file ending"),
 ])
