@@ -21,6 +21,7 @@ def get_config():
         "student_shortcuts": "none",  # the RD student: "none" (plain) or "downsample" (projections kept)
         "supervised_shortcuts": "all",  # train.mode="supervised": "all" = ResNet, "none" = plain baseline
         "dirac": False,  # Dirac-parameterised convs in the plain net (folded away at export)
+        "dirac_beta": 1.0,  # initial b of W = a*I + b*V (a starts at 1); small = start near identity mappings
         # RD: "random" or "teacher" (start the plain net from the teacher's weights, all but the projection
         # shortcuts; with teacher.mode="joint" that teacher is freshly initialised, so it matters mostly
         # with a pretrained one)

@@ -87,10 +87,13 @@ def _scaled(channels: int, width: float) -> int:
 
 
 def _conv(filters, kernel, stride, name, dirac, padding="same"):
+    """A conv layer; `dirac` is False or the initial b of a Dirac conv W = a*I + b*V."""
     # Dirac parameterisation only makes sense where there is no shortcut to carry the identity.
-    cls = DiracConv2D if dirac else keras.layers.Conv2D
-    return cls(filters, kernel, strides=stride, padding=padding, use_bias=False,
-               kernel_initializer="he_normal", name=name)
+    if dirac:
+        return DiracConv2D(filters, kernel, strides=stride, padding=padding, use_bias=False,
+                           kernel_initializer="he_normal", name=name, beta_init=float(dirac))
+    return keras.layers.Conv2D(filters, kernel, strides=stride, padding=padding, use_bias=False,
+                               kernel_initializer="he_normal", name=name)
 
 
 def _bn(name, epsilon=BN_EPSILON):
@@ -120,7 +123,7 @@ def residual_block(x, *, kind, filters, stride, shortcut, prefix, out_name, dira
         convs = [(filters, 1, 1), (filters, 3, stride), (4 * filters, 1, 1)]
     y = x
     for k, (f, kernel, s) in enumerate(convs, start=1):
-        y = _conv(f, kernel, s, f"{prefix}_conv{k}", dirac and not shortcut)(y)
+        y = _conv(f, kernel, s, f"{prefix}_conv{k}", False if shortcut else dirac)(y)
         y = _bn(f"{prefix}_bn{k}", bn_epsilon)(y)
         if k < len(convs):
             y = keras.layers.ReLU(name=f"{prefix}_relu{k}")(y)
@@ -175,11 +178,13 @@ def _validate(arch, shortcuts, num_classes, input_shape, width, stem):
 
 def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_shape=(32, 32, 3),
           width: float = 1.0, stem: str | None = None, dirac: bool = False, name: str | None = None,
-          bottleneck_stride: str = "3x3", stem_padding: str = "same", bn_epsilon: float = BN_EPSILON):
+          bottleneck_stride: str = "3x3", stem_padding: str = "same", bn_epsilon: float = BN_EPSILON,
+          dirac_beta: float = 1.0):
     """Build a ResNet (`shortcuts="all"`), its plain twin (`"none"`), or a plain net keeping only the
     shape-changing (projection) shortcuts (`"downsample"`, as deployed by the paper's official code).
 
-    `dirac=True` gives the convs without a shortcut the Dirac parameterisation W = a*I + b*V; export folds
+    `dirac=True` gives the convs without a shortcut the Dirac parameterisation W = a*I + b*V (a starts at 1,
+    b at `dirac_beta`: a small b starts the plain net near identity mappings, as DiracNets do); export folds
     it into ordinary convs. `bottleneck_stride`, `stem_padding` and `bn_epsilon`: see the module docstring.
     Returns a functional model with dict output {stem, stage1..N, logits}.
     """
@@ -187,10 +192,13 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
     spec = _validate(arch, shortcuts, num_classes, input_shape, width, stem)
     _check_options(bottleneck_stride, stem_padding, bn_epsilon)
     plain = shortcuts != "all"
+    if not isinstance(dirac_beta, (int, float)) or isinstance(dirac_beta, bool) or dirac_beta <= 0:
+        raise ValueError(f"dirac_beta must be a positive number, got {dirac_beta!r}.")
+    dirac = dirac and plain and float(dirac_beta)  # False, or the initial b of every Dirac conv
     if name is None:
         name = f"{'plain' if plain else 'resnet'}{spec.depth}"
     inputs = keras.Input(input_shape, name="images")
-    x = _stem(inputs, stem or spec.stem, _scaled(spec.stem_width, width), dirac and plain, stem_padding,
+    x = _stem(inputs, stem or spec.stem, _scaled(spec.stem_width, width), dirac, stem_padding,
               bn_epsilon)
     endpoints = {"stem": x}
     for i, (blocks, base) in enumerate(zip(spec.blocks, spec.widths), start=1):
@@ -203,7 +211,7 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
             x = residual_block(x, kind=spec.block, filters=filters, stride=stride, shortcut=keep,
                                prefix=f"stage{i}_block{j}",
                                out_name=_block_output_name(i, j, blocks),
-                               dirac=dirac and plain, bottleneck_stride=bottleneck_stride,
+                               dirac=dirac, bottleneck_stride=bottleneck_stride,
                                bn_epsilon=bn_epsilon)
         endpoints[f"stage{i}"] = x
     pooled = keras.layers.GlobalAveragePooling2D(name="pool")(x)

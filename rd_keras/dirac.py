@@ -26,11 +26,16 @@ def dirac_kernel(kernel_size, in_channels: int, out_channels: int) -> np.ndarray
 class DiracConv2D(keras.layers.Conv2D):
     """Conv2D whose kernel is `alpha * I + beta * V`; `self.kernel` holds V."""
 
+    def __init__(self, *args, beta_init=1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta_init = float(beta_init)
+
     def build(self, input_shape):
         super().build(input_shape)
         in_channels = input_shape[-1]
         self.alpha = self.add_weight(name="alpha", shape=(self.filters,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(self.filters,), initializer="ones")
+        self.beta = self.add_weight(name="beta", shape=(self.filters,),
+                                    initializer=keras.initializers.Constant(self.beta_init))
         self._identity = ops.convert_to_tensor(dirac_kernel(self.kernel_size, in_channels, self.filters))
 
     def effective_kernel(self):
@@ -41,6 +46,9 @@ class DiracConv2D(keras.layers.Conv2D):
         # The base class passes V; convolve with the full a*I + b*V instead.
         del kernel
         return super().convolution_op(inputs, ops.cast(self.effective_kernel(), inputs.dtype))
+
+    def get_config(self):
+        return {**super().get_config(), "beta_init": self.beta_init}
 
     # Conv2D saves only kernel and bias; alpha and beta must travel with the .keras file too.
     def save_own_variables(self, store):

@@ -108,6 +108,7 @@ def _new_conv(conv, kernel, bias):
     config = _float32_config(conv)
     config.update(use_bias=True, kernel_regularizer=None, bias_regularizer=None,
                   kernel_constraint=None, bias_constraint=None)
+    config.pop("beta_init", None)  # a DiracConv2D's own argument: the folded conv is an ordinary Conv2D
     layer = keras.layers.Conv2D.from_config(config)
     return layer, [kernel, bias]
 

@@ -67,6 +67,7 @@ def validate(config):
     except ValueError as e:
         raise ConfigError(f"config.model.arch: {e}") from None
     _number(m.width, "model.width", 0, low_open=True)
+    _number(m.dirac_beta, "model.dirac_beta", 0, low_open=True)
     _choice(m.stem, ("", *architectures.STEMS), "model.stem")
     _choice(m.student_shortcuts, ("none", "downsample"), "model.student_shortcuts")
     _choice(m.supervised_shortcuts, architectures.SHORTCUT_MODES, "model.supervised_shortcuts")
@@ -178,7 +179,7 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
     def net(shortcuts):  # with a keras.applications teacher, the student takes its layer variant
         return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
                                    input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
-                                   dirac=m.dirac, **pretrained.build_options(config))
+                                   dirac=m.dirac, dirac_beta=m.dirac_beta, **pretrained.build_options(config))
 
     loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
                                   temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,

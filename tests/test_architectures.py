@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from rd_keras import architectures
-from rd_keras.dirac import DiracConv2D
+from rd_keras.dirac import DiracConv2D, dirac_kernel
 
 
 def _trainable(model):
@@ -160,3 +160,20 @@ def test_resnet_v1_options_change_layers_not_weights_or_boundary_shapes(size):
     assert architectures.options_of(default) == dict(
         bottleneck_stride="3x3", stem_padding="same", bn_epsilon=architectures.BN_EPSILON)
     assert "ZeroPadding2D" not in _layer_types(default)
+
+
+def test_dirac_beta_sets_the_initial_mix_of_identity_and_kernel():
+    net = architectures.build("resnet8", shortcuts="none", input_shape=(16, 16, 3), width=0.25, dirac=True,
+                              dirac_beta=0.01)
+    diracs = [layer for layer in net.layers if isinstance(layer, DiracConv2D)]
+    assert len(diracs) == 7  # the stem conv and the two convs of each of the three blocks
+    for layer in diracs:
+        np.testing.assert_allclose(layer.beta.numpy(), 0.01)
+        np.testing.assert_allclose(layer.alpha.numpy(), 1.0)
+        kernel, identity = layer.kernel.numpy(), dirac_kernel(layer.kernel_size, *layer.kernel.shape[2:])
+        np.testing.assert_allclose(layer.effective_kernel().numpy(), identity + 0.01 * kernel, rtol=1e-6, atol=1e-7)
+    resnet = architectures.build("resnet8", shortcuts="all", input_shape=(16, 16, 3), width=0.25, dirac=True,
+                                 dirac_beta=0.01)
+    assert not any(isinstance(layer, DiracConv2D) for layer in resnet.layers)
+    with pytest.raises(ValueError, match="dirac_beta must be a positive number, got 0"):
+        architectures.build("resnet8", shortcuts="none", dirac=True, dirac_beta=0)
