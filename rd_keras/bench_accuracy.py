@@ -11,7 +11,8 @@ For each depth D in `--depths` four runs, identical budget and schedule (`--epoc
 `--variant NAME:KEY=VALUE,...` (repeatable) adds a run `NAME` with those config overrides on top of one of
 the four runs above, chosen by the key `run` (default `rd_joint`): e.g. `--variant
 dirac:model.dirac=True` or `--variant plain_dirac:run=plain,model.dirac=True`. `--seeds 0,1` repeats every
-run with `train.seed` and `data.seed` set to each seed; the summary gives each run's mean and spread.
+run with `train.seed` and `data.seed` set to each seed (runs of the config's own seed keep their plain
+names, others get `_s<seed>`); the summary gives each run's mean and spread.
 
 With `--validation_split F` every run evaluates on the last fraction F of the training images while it
 trains (the learning curves, and the numbers to choose variants by) and on the test split once, at its end.
@@ -151,9 +152,11 @@ def plan(args):
     runs = []
     for depth in depths:
         for seed in seeds:
-            # One seed keeps the plain names (and the workdirs of earlier single-seed runs).
-            suffix = f"_s{seed}" if len(seeds) > 1 else ""
-            seed_flags = {"train.seed": seed, "data.seed": seed} if seed or len(seeds) > 1 else {}
+            # The config's own seed keeps the plain names and commands, so its finished runs are reused
+            # when more seeds are added later.
+            own = seed == config.train.seed == config.data.seed
+            suffix = "" if own else f"_s{seed}"
+            seed_flags = {} if own else {"train.seed": seed, "data.seed": seed}
             for name, base, extra in entries:
                 workdir = os.path.join(args.out, f"d{depth}_{name}{suffix}")
                 flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[base], **seed_flags}

@@ -124,14 +124,16 @@ def test_accuracy_plan_variants_and_seeds(tmp_path):
                               "--variant=pre:run=rd_pretrained,distill.blend_floor=0.1"])
     budget, runs = bench_accuracy.plan(args)
     names = [r["name"] for r in runs]
-    assert names == [f"d20_{k}_s{s}" for s in (0, 1) for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
+    # Seed 0 is the config's own: its runs keep their names and commands (and are reused); seed 1 is new.
+    assert names == [f"d20_{k}{s}" for s in ("", "_s1") for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
     by_name = {r["name"]: dict(a[2:].split("=", 1) for a in r["command"][2:]) for r in runs}
     every3 = by_name["d20_every3_s1"]
     assert every3["config.distill.hybrid_points"] == "3,6" and every3["config.distill.normalize"] == "True"
     assert every3["config.train.mode"] == "distill" and every3["config.teacher.mode"] == "joint"
     assert every3["config.train.seed"] == every3["config.data.seed"] == "1"
+    assert "config.train.seed" not in by_name["d20_every3"] and "config.data.seed" not in by_name["d20_every3"]
     assert every3["config.data.validation_split"] == "0.1"
-    plain_dirac = by_name["d20_plain_dirac_s0"]
+    plain_dirac = by_name["d20_plain_dirac"]
     assert plain_dirac["config.model.supervised_shortcuts"] == "none" and plain_dirac["config.model.dirac"] == "True"
     pre = next(r for r in runs if r["name"] == "d20_pre_s1")
     assert pre["needs"] == "d20_resnet_s1"
