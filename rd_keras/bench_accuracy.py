@@ -10,7 +10,8 @@ For each depth D in `--depths` four runs, identical budget and schedule (`--epoc
 
 `--variant NAME:KEY=VALUE,...` (repeatable) adds a run `NAME` with those config overrides on top of one of
 the four runs above, chosen by the key `run` (default `rd_joint`): e.g. `--variant
-dirac:model.dirac=True` or `--variant plain_dirac:run=plain,model.dirac=True`. `--seeds 0,1` repeats every
+dirac:model.dirac=True` or `--variant plain_dirac:run=plain,model.dirac=True`; the key `seeds` (e.g.
+`seeds=0,1`) gives a variant its own seeds. `--seeds 0,1` repeats every other
 run with `train.seed` and `data.seed` set to each seed (runs of the config's own seed keep their plain
 names, others get `_s<seed>`); the summary gives each run's mean and spread.
 
@@ -100,6 +101,8 @@ def parse_variant(text):
     base = overrides.pop("run", "rd_joint")
     if base not in RUNS:
         raise common.FlagError(f"--variant {name}: run must be one of {RUNS}, got {base!r}.")
+    if "seeds" in overrides:
+        overrides["seeds"] = common.parse_ints(overrides["seeds"], f"--variant {name}: seeds", minimum=0)
     return name, base, overrides
 
 
@@ -137,7 +140,8 @@ def plan(args):
               "blend_epochs": blend_epochs, "blend_floor": config.distill.blend_floor,
               "kd_alpha": config.distill.kd_alpha, "data_source": config.data.source,
               "overrides": overrides, "seeds": seeds, "validation_split": args.validation_split,
-              "variants": {name: {"run": base, **o} for name, base, o in variants}}
+              "variants": {name: {"run": base, **{k: v for k, v in o.items() if k != "seeds"}}
+                           for name, base, o in variants}}
     common_flags = {"train.epochs": epochs, "model.width": width, "data.train_subset": subset,
                     "distill.blend_epochs": blend_epochs, "train.progress": False, **overrides}
     if args.validation_split:
@@ -158,6 +162,9 @@ def plan(args):
             suffix = "" if own else f"_s{seed}"
             seed_flags = {} if own else {"train.seed": seed, "data.seed": seed}
             for name, base, extra in entries:
+                extra = dict(extra)
+                if seed not in extra.pop("seeds", seeds):
+                    continue
                 workdir = os.path.join(args.out, f"d{depth}_{name}{suffix}")
                 flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[base], **seed_flags}
                 teacher_run = f"d{depth}_resnet{suffix}" if base == "rd_pretrained" else None

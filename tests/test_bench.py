@@ -121,11 +121,13 @@ def test_accuracy_plan_variants_and_seeds(tmp_path):
                               "--validation_split=0.1", f"--out={tmp_path}",
                               "--variant=every3:distill.hybrid_points=3,6,distill.normalize=True",
                               "--variant=plain_dirac:run=plain,model.dirac=True",
-                              "--variant=pre:run=rd_pretrained,distill.blend_floor=0.1"])
+                              "--variant=pre:run=rd_pretrained,distill.blend_floor=0.1",
+                              "--variant=once:distill.normalize=True,seeds=1"])
     budget, runs = bench_accuracy.plan(args)
     names = [r["name"] for r in runs]
     # Seed 0 is the config's own: its runs keep their names and commands (and are reused); seed 1 is new.
-    assert names == [f"d20_{k}{s}" for s in ("", "_s1") for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
+    expected = [f"d20_{k}{s}" for s in ("", "_s1") for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
+    assert names == expected[:5] + expected[5:] + ["d20_once_s1"]  # `once` runs its own seed only
     by_name = {r["name"]: dict(a[2:].split("=", 1) for a in r["command"][2:]) for r in runs}
     every3 = by_name["d20_every3_s1"]
     assert every3["config.distill.hybrid_points"] == "3,6" and every3["config.distill.normalize"] == "True"
