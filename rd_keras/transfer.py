@@ -80,7 +80,8 @@ def _load_application(source):
     try:
         return pretrained.load(source.path, source.weights)
     except pretrained.PretrainedError as e:  # unknown names, weight files of other nets, no network
-        raise TransferError(f"config.transfer.from={source.path!r}: {str(e).replace('teacher.', 'transfer.')}") from None
+        raise TransferError(f"config.transfer.from={source.path!r} with config.transfer.weights={source.weights!r}: "
+                            f"{e}") from None
 
 
 def load(source: Source) -> keras.Model:

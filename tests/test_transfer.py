@@ -208,8 +208,8 @@ def test_transfer_mismatches_fail_before_anything_is_written(sources, tmp_path):
              ({"export.enabled": True, "transfer.from": str(sources / "resnet")}, train_lib.ConfigError,
               r"exports plain nets, but config.transfer.from='.*resnet' is a ResNet")]
     cases.append(({"transfer.from": "keras.applications.ResNet50", "transfer.weights": str(tmp_path / "no.h5")},
-                  transfer.TransferError, r"config.transfer.from='keras.applications.ResNet50': "
-                                          r"config.transfer.weights='.*no.h5': file not found"))
+                  transfer.TransferError, r"config.transfer.from='keras.applications.ResNet50' with "
+                                          r"config.transfer.weights='.*no.h5': .*file not found"))
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
             train_lib.run(transfer_config(sources / "plain", folder, **overrides), str(tmp_path / "w"))
