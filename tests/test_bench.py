@@ -10,7 +10,9 @@ import os
 
 import pytest
 
-from rd_keras import bench, bench_accuracy, bench_common
+from rd_keras import bench
+from rd_keras.bench import accuracy as bench_accuracy
+from rd_keras.bench import common as bench_common
 
 TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rd_keras import bench, bench_transfer
+from rd_keras import bench
+from rd_keras.bench import transfer as bench_transfer
 
 
 def write_idx(root, n_train=400, n_test=200):

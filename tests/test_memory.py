@@ -5,7 +5,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from rd_keras import memory  # noqa: E402
+from rd_keras.bench import liveness as memory  # noqa: E402
 
 L = keras.layers
 

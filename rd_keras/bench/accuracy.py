@@ -36,11 +36,11 @@ import subprocess
 import sys
 import time
 
-from rd_keras import bench_common as common
+from rd_keras.bench import common
 
 RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained")
 DONE_FILE = "bench_run.json"  # written into a workdir when its run finished, with the wall time
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def add_arguments(parser):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 
-from rd_keras import bench_accuracy_report as accuracy_report
-from rd_keras import bench_common as common
-from rd_keras.bench_common import md_table, provenance
+from rd_keras.bench import accuracy_report
+from rd_keras.bench import common
+from rd_keras.bench.common import md_table, provenance
 
 FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
          "transfer": "transfer.json",
@@ -77,7 +77,7 @@ def inference_section(payload, img):
 
 
 def memory_section(payload, img):
-    from rd_keras import bench_memory
+    from rd_keras.bench import memory as bench_memory
 
     rows = bench_memory.rows(payload["results"])
     s = payload["settings"]
@@ -188,7 +188,7 @@ def plot_memory(payload, path):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from rd_keras import bench_memory
+    from rd_keras.bench import memory as bench_memory
 
     rows = [r for r in bench_memory.rows(payload["results"]) if r[4] is not None]
     pairs = list(dict.fromkeys(r[0] for r in rows))
@@ -245,7 +245,7 @@ def run(args):
     if "train-step" in found:
         sections.append(train_step_section(found["train-step"]))
     if "transfer" in found:
-        from rd_keras import bench_transfer
+        from rd_keras.bench import transfer as bench_transfer
 
         sections.append(bench_transfer.report_section(found["transfer"]))
     notes = os.path.join(args.results_dir, "notes.md")

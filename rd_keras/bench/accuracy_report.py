@@ -8,7 +8,7 @@ gradient norms of the plain net that show why a deep plain net trains slowly and
 
 from __future__ import annotations
 
-from rd_keras.bench_common import md_table, provenance
+from rd_keras.bench.common import md_table, provenance
 
 RUN_LABELS = {"resnet": "ResNet (supervised)", "plain": "plain (supervised)", "rd_joint": "plain + RD (joint teacher)",
               "rd_pretrained": "plain + RD (pretrained teacher)"}
@@ -34,7 +34,7 @@ def _summary(payload):
     # Files written before seeds and variants existed carry no summary: every run is its own group.
     if "summary" in payload:
         return payload["summary"]
-    from rd_keras.bench_accuracy import aggregate
+    from rd_keras.bench.accuracy import aggregate
     return aggregate(payload["results"])
 
 

@@ -1,14 +1,14 @@
 """`bench memory`: inference feature-map memory of ResNets and their plain twins, measured three ways.
 
-1. `liveness`: the exact liveness walk of the BN-folded classifier (`rd_keras.memory.feature_map_liveness`,
+1. `liveness`: the exact liveness walk of the BN-folded classifier (`rd_keras.bench.liveness.feature_map_liveness`,
    conv+ReLU fused as TFLite does, batch `--batch_size`): the peak of bytes held at once, for fp32 (4 bytes
    per value) and int8 (1 byte) feature maps. `two_buffer_bound` is the largest input+output of a single
    layer: a plain chain reaches it with two ping-pong buffers, so it is the floor for both nets.
 2. `tflite_arena`: the read-write arena that TFLite's planner lays out for the fp32 and int8 `.tflite`
-   files (`rd_keras.memory.tflite_arena_bytes`, builtin kernels, one thread, batch `--batch_size`):
+   files (`rd_keras.bench.liveness.tflite_arena_bytes`, builtin kernels, one thread, batch `--batch_size`):
    feature maps plus kernel scratch (im2col), as a real runtime allocates them.
 3. `rss`: the peak growth of a fresh process's resident memory during its first batch-`--rss_batch`
-   call (`rd_keras.memory.peak_rss_delta`), after a batch-1 warm-up, for the Keras/TF runtime and the
+   call (`rd_keras.bench.liveness.peak_rss_delta`), after a batch-1 warm-up, for the Keras/TF runtime and the
    LiteRT runtime (XNNPACK). One process per measurement, so one net's freed memory cannot be reused by
    the other's. It includes whatever the runtime allocates besides feature maps (workspaces, packed
    weights for the new shape): the least clean figure, and the one a server actually pays.
@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from rd_keras import bench_common as common
+from rd_keras.bench import common
 
 RSS_ENGINES = ("keras", "tflite_fp32", "tflite_int8")
 
@@ -60,7 +60,7 @@ def _settings(args):
 def _rss_child(job):
     """Runs in a spawned process: warm up at batch 1, then the peak RSS growth of one batch-N call."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from rd_keras import memory
+    from rd_keras.bench import liveness as memory
 
     shape, batch = tuple(job["input_shape"]), job["batch"]
     x = np.random.default_rng(0).standard_normal([batch, *shape], np.float32)
@@ -120,7 +120,8 @@ def _liveness_summary(live):
 
 
 def bench_pair(pair, settings, workdir):
-    from rd_keras import architectures, folding, memory
+    from rd_keras import architectures, folding
+    from rd_keras.bench import liveness as memory
 
     shape, batch = tuple(pair.input_shape), settings["batch_size"]
     folded, live, tflite_paths = {}, {"fp32": {}, "int8": {}}, {}

@@ -24,8 +24,8 @@ import sys
 
 import numpy as np
 
-from rd_keras import bench_accuracy
-from rd_keras import bench_common as common
+from rd_keras.bench import accuracy as bench_accuracy
+from rd_keras.bench import common
 
 FMNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 RUNS = ("rd", "plain", "scratch")
@@ -234,7 +234,7 @@ def run(args):
 
 def report_section(payload) -> str:
     """The "Transfer" section of docs/results.md (`bench report`), read off the numbers."""
-    from rd_keras import bench_report
+    from rd_keras.bench import report as bench_report
 
     b, rows = payload["budget"], {r["net"]: r for r in payload["results"] if not r.get("failed")}
     labels = {"resnet": "ResNet (the RD run's joint teacher)", "plain_rd": "plain + RD", "plain": "plain alone",

@@ -23,12 +23,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Sub-command -> module; each module has `add_arguments(parser)` and `run(args)`. Modules are imported
 # only when their command runs, so `report` and `--help` start without loading TensorFlow.
 COMMANDS = {
-    "inference": "rd_keras.bench_inference",
-    "memory": "rd_keras.bench_memory",
-    "train-step": "rd_keras.bench_train_step",
-    "accuracy": "rd_keras.bench_accuracy",
-    "transfer": "rd_keras.bench_transfer",
-    "report": "rd_keras.bench_report",
+    "inference": "rd_keras.bench.inference",
+    "memory": "rd_keras.bench.memory",
+    "train-step": "rd_keras.bench.train_step",
+    "accuracy": "rd_keras.bench.accuracy",
+    "transfer": "rd_keras.bench.transfer",
+    "report": "rd_keras.bench.report",
 }
 
 
@@ -61,7 +61,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    from rd_keras.bench_common import FlagError
+    from rd_keras.bench.common import FlagError
 
     try:
         _module(args.command).run(args)

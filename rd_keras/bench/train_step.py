@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from rd_keras import bench_common as common
+from rd_keras.bench import common
 
 KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")

@@ -22,7 +22,7 @@ import tempfile
 
 import numpy as np
 
-from rd_keras import bench_common as common
+from rd_keras.bench import common
 
 ENGINES = ("keras", "saved_model", "tflite_fp32", "tflite_int8")
 
