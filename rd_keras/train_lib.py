@@ -21,7 +21,7 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import (architectures, checkpointing, data, distill, export, hybrid, pretrained, schedules, teacher,
+from rd_keras import (architectures, checkpointing, data, distill, hybrid, pretrained, schedules, teacher,
                       transfer)
 from rd_keras.loop import TrainLoop
 
@@ -93,6 +93,8 @@ def validate(config):
     _check(isinstance(config.export.enabled, bool),
            f"config.export.enabled must be True or False, got {config.export.enabled!r}.")
     if config.export.enabled:
+        from rd_keras import export  # deployment is imported only by runs that export
+
         e = config.export
         try:
             export.parse_options(e.formats, e.quantize, model_name=e.model_name, qat_steps=e.qat_steps,
@@ -313,6 +315,8 @@ def run(config, workdir):
 
 def _export(config, workdir):
     """The same export as `python -m rd_keras.export --workdir=W`, as configured in `config.export`."""
+    from rd_keras import export
+
     e = config.export
     report = export.export_workdir(workdir, formats=e.formats, quantize=e.quantize, qat_steps=e.qat_steps,
                                    model_name=e.model_name, eval_examples=e.eval_examples,

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import (architectures, checkpointing, data, export, folding, saved_model_export,
-                      tflite_export)
+from rd_keras import architectures, checkpointing, data, export
+from rd_keras.export import folding, saved_model_export, tflite_export
 from rd_keras.dirac import DiracConv2D
-from rd_keras.tflite_export import TFLiteRunner
+from rd_keras.export.tflite_export import TFLiteRunner
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 SAVED_MODEL_CLI = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
@@ -350,7 +350,8 @@ def _imports(tree):
             yield node.module
 
 
-@pytest.mark.parametrize("module", ["export", "folding", "saved_model_export", "tflite_export", "qat"])
+@pytest.mark.parametrize("module", ["__init__", "workdir_export", "folding", "saved_model_export", "tflite_export",
+                                    "qat"])
 def test_no_serving_package_and_tfmot_only_lazily_in_qat(module):
     with open(os.path.join(os.path.dirname(export.__file__), f"{module}.py")) as f:
         tree = ast.parse(f.read())

@@ -1,4 +1,4 @@
-"""Tests for rd_keras.qat: the tf_keras rebuild of the folded net, QAT in a subprocess (so this Keras 3
+"""Tests for rd_keras.export.qat: the tf_keras rebuild of the folded net, QAT in a subprocess (so this Keras 3
 process never imports tensorflow_model_optimization), and a full-integer .tflite with sane accuracy."""
 
 import os
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from rd_keras import export
-from rd_keras.tflite_export import TFLiteRunner
+from rd_keras.export.tflite_export import TFLiteRunner
 from tests.test_export import FMNIST_DIR, make_workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(export.__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(export.__file__))))
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST_DIR),
                                 reason="Debian dataset-fashion-mnist not installed")
@@ -43,7 +43,7 @@ def test_qat_export_gives_a_full_integer_model_with_sane_accuracy(workdir):
 
 
 def test_qat_cli_reports_a_missing_workdir_by_path(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "rd_keras.qat", f"--workdir={tmp_path / 'nope'}",
+    result = subprocess.run([sys.executable, "-m", "rd_keras.export.qat", f"--workdir={tmp_path / 'nope'}",
                              "--steps=1"], capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 2 and str(tmp_path / "nope") in result.stderr

@@ -81,7 +81,7 @@ def _keras_runner(folded, shape):
 def _saved_model_runner(folded, shape, directory):
     import tensorflow as tf
 
-    from rd_keras import saved_model_export
+    from rd_keras.export import saved_model_export
 
     # mean/std only feed the uint8 `serving_default` signature; the timed one takes normalised floats.
     archive = saved_model_export.build_archive(folded, shape, (0.5,) * shape[-1], (0.25,) * shape[-1])
@@ -130,7 +130,8 @@ def _configs(settings):
 
 def bench_pair(pair, settings, workdir):
     """All measurements of one pair: a list of dicts, one per (runtime configuration, batch size)."""
-    from rd_keras import architectures, folding
+    from rd_keras import architectures
+    from rd_keras.export import folding
 
     shape = tuple(pair.input_shape)
     folded, params, macs, tflite = {}, {}, {}, {}

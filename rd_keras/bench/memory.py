@@ -67,7 +67,8 @@ def _rss_child(job):
     if job["engine"] == "keras":
         import tensorflow as tf
 
-        from rd_keras import architectures, folding
+        from rd_keras import architectures
+        from rd_keras.export import folding
 
         model = architectures.build(job["arch"], shortcuts=job["shortcuts"], num_classes=job["num_classes"],
                                     input_shape=shape, width=job["width"])
@@ -120,7 +121,8 @@ def _liveness_summary(live):
 
 
 def bench_pair(pair, settings, workdir):
-    from rd_keras import architectures, folding
+    from rd_keras import architectures
+    from rd_keras.export import folding
     from rd_keras.bench import liveness as memory
 
     shape, batch = tuple(pair.input_shape), settings["batch_size"]

@@ -1,6 +1,6 @@
 """Quantisation-aware training (QAT) of the plain net, to a full-integer `.tflite`.
 
-    python -m rd_keras.qat --workdir=W --steps=N --output=W/export/tflite/plain_qat.tflite
+    python -m rd_keras.export.qat --workdir=W --steps=N --output=W/export/tflite/plain_qat.tflite
         [--io_type=int8|uint8] [--learning_rate=1e-3]
 
 `rd_keras.export --qat_steps=N` starts this as a subprocess; it is the only module that imports
@@ -25,9 +25,10 @@ import tempfile
 import keras
 import numpy as np
 
-from rd_keras import architectures, data, folding
-from rd_keras.export import load_workdir, write_atomic
-from rd_keras.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
+from rd_keras import architectures, data
+from rd_keras.export import folding
+from rd_keras.export.workdir_export import load_workdir, write_atomic
+from rd_keras.export.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
 
 MOMENTUM = 0.9
 # Keras 3 config keys that each supported layer keeps in tf_keras (same names and meaning in both).
@@ -122,7 +123,7 @@ def quantization_aware_tflite(config, model, *, steps, io_type="int8", learning_
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m rd_keras.qat", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rd_keras.export.qat", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir with config.json, plain.keras")
     parser.add_argument("--steps", type=int, required=True, help="fine-tune steps on the train pipeline")
     parser.add_argument("--output", help="the .tflite path (default W/export/tflite/plain_qat.tflite)")

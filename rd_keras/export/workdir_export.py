@@ -31,7 +31,8 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from rd_keras import architectures, data, folding, saved_model_export, tflite_export
+from rd_keras import architectures, data
+from rd_keras.export import folding, saved_model_export, tflite_export
 
 FORMATS = ("saved_model", "tflite")
 EVAL_BATCH = 100
@@ -163,9 +164,9 @@ def _export_saved_model(folded, export_dir, model_name, info, images, labels, re
 def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
     # QAT runs in its own interpreter: importing tensorflow_model_optimization switches tf.keras to
     # tf_keras process-wide, which must never happen to the Keras 3 process that called us.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "rd_keras.qat", f"--workdir={workdir}", f"--steps={steps}",
+    command = [sys.executable, "-m", "rd_keras.export.qat", f"--workdir={workdir}", f"--steps={steps}",
                f"--output={path}", f"--io_type={io_type}", f"--learning_rate={learning_rate}",
                *([] if progress else ["--quiet"])]
     result = subprocess.run(command, env=env, check=False)

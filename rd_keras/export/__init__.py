@@ -1,0 +1,14 @@
+"""Deployment: ship the plain net of a training workdir (`python -m rd_keras.export --workdir=W`).
+
+- `workdir_export`: `export_workdir(...)` and the command line: fold, export, check, `report.json`.
+- `folding`: BatchNorm and Dirac folded into plain convs.
+- `saved_model_export`: versioned SavedModels in TF Serving's layout, with warm-up requests.
+- `tflite_export`: `.tflite` files (none, fp16, dynamic, int8) and `TFLiteRunner`.
+- `qat`: quantisation-aware training, run as its own process (`python -m rd_keras.export.qat`); the only
+  module that imports tensorflow_model_optimization.
+
+The training core imports this package in one place only: `train_lib` when `config.export.enabled`.
+"""
+
+from rd_keras.export.workdir_export import (FORMATS, dataset_info, export_workdir, format_table,  # noqa: F401
+                                            load_workdir, main, parse_options)
