@@ -16,7 +16,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rd_keras import checkpointing, data, loop, teacher, train_lib, transfer
+from rd_keras import train_lib
+from rd_keras.errors import RDError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, `path[:variant]`.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the trained models.")
@@ -78,8 +79,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     try:
         train_lib.run(_CONFIG.value, _WORKDIR.value)
-    except (train_lib.ConfigError, checkpointing.WorkdirError, teacher.TeacherError, data.DataError,
-            loop.NonFiniteLossError, transfer.TransferError) as e:
+    except RDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

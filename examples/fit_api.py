@@ -21,7 +21,8 @@ import keras  # noqa: E402
 
 import rd_keras  # noqa: E402
 from configs import fashion_mnist  # noqa: E402
-from rd_keras import architectures, checkpointing, data, export  # noqa: E402
+from rd_keras import architectures, data, export  # noqa: E402
+from rd_keras import workdir as wd  # noqa: E402
 
 
 def main(argv=None):
@@ -64,8 +65,8 @@ def main(argv=None):
 
     # What `python -m rd_keras.export` reads: W/plain.keras (the plain net alone, dict output) and
     # W/config.json (the data it was trained on, to calibrate and judge the exported models).
-    checkpointing.save_model_atomic(distiller.student, os.path.join(args.workdir, checkpointing.PLAIN_FILE))
-    checkpointing.write_config(args.workdir, config, dataset=dataclasses.asdict(info))
+    wd.save_model_atomic(distiller.student, wd.plain_path(args.workdir))
+    wd.write_config(args.workdir, config, dataset=dataclasses.asdict(info))
     report = export.export_workdir(args.workdir, formats="tflite" if args.smoke else export.FORMATS,
                                    quantize="none" if args.smoke else "none,fp16,dynamic,int8",
                                    eval_examples=256 if args.smoke else 1000, progress=False)

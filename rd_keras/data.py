@@ -32,6 +32,8 @@ import numpy as np
 import tensorflow as tf
 from ml_collections import config_dict
 
+from rd_keras.errors import DataError  # noqa: F401
+
 SOURCES = ("idx", "tfds", "folder", "synthetic")
 AUGMENTS = ("cifar", "imagenet", "none")
 SPLITS = ("train", "test")
@@ -54,9 +56,6 @@ CIFAR_PAD = 4
 _IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
-
-class DataError(ValueError):
-    """Data files or prepared datasets that are missing, corrupt or inconsistent."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@ others forever.
 
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -24,10 +23,9 @@ import tensorflow as tf
 import tqdm
 
 from rd_keras import checkpointing, distill
+from rd_keras import workdir as wd
+from rd_keras.errors import NonFiniteLossError, WorkdirError  # noqa: F401
 
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss (or a weight) became NaN or Inf under `train.nan_policy='stop'`."""
 
 
 class _SigtermFlag:
@@ -80,7 +78,7 @@ class TrainLoop:
     def _writer(self, name):
         if not self.chief:
             return tf.summary.create_noop_writer()
-        return tf.summary.create_file_writer(os.path.join(self.workdir, checkpointing.TENSORBOARD_DIR, name))
+        return tf.summary.create_file_writer(wd.tensorboard_dir(self.workdir, name))
 
     # ------------------------------------------------------------------ losses and checkpoints
 
@@ -141,7 +139,7 @@ class TrainLoop:
         count, total, squares = self._cross_sum(tf.constant([1.0, step, step * step], tf.float64)).numpy()
         if count * squares != total * total:  # equal iff every replica has the same step
             source = restored or "no checkpoint"
-            raise checkpointing.WorkdirError(
+            raise WorkdirError(
                 f"The workers restored different steps ({self.task}: step {step}, from {source}). Every "
                 f"worker restores from {self._checkpointer.directory}: put the workdir on a filesystem all "
                 "workers share.")
@@ -182,7 +180,7 @@ class TrainLoop:
         train_means = {k: _mean(v) for k, v in self._epoch_terms.items()}
         self._epoch_terms = {}
         if self.chief:
-            with open(os.path.join(self.workdir, checkpointing.METRICS_FILE), "a") as f:
+            with open(wd.metrics_path(self.workdir), "a") as f:
                 f.write(json.dumps({**record, **train_means}, sort_keys=True) + "\n")
         accs = [f"{k}=[{', '.join(f'{a:.4f}' for a in v)}]" if isinstance(v, list) else f"{k}={v:.4f}"
                 for k, v in record.items() if k.endswith("_acc")]
@@ -213,8 +211,8 @@ class TrainLoop:
                 self._print(f"resumed from step {step} of {self.total_steps} "
                             f"({step // self.steps_per_epoch} epochs done, "
                             f"{step % self.steps_per_epoch} steps into the next): {restored}")
-            if self.chief and checkpointing.trim_metrics(self.workdir, step):
-                self._print(f"{checkpointing.METRICS_FILE}: dropped the records after step {step}, "
+            if self.chief and wd.trim_metrics(self.workdir, step):
+                self._print(f"{wd.METRICS_FILE}: dropped the records after step {step}, "
                             "written after the restored checkpoint")
             with _SigtermFlag() as sigterm:
                 return self._train(step, train_data, eval_data, sigterm)
@@ -273,9 +271,8 @@ class TrainLoop:
         if not self.chief:
             return
         for role, model in self.setup.trained.items():
-            path = os.path.join(self.workdir,
-                                checkpointing.PLAIN_FILE if role == "plain" else checkpointing.RESNET_FILE)
-            checkpointing.save_model_atomic(model, path)
+            path = wd.plain_path(self.workdir) if role == "plain" else wd.resnet_path(self.workdir)
+            wd.save_model_atomic(model, path)
             self._print(f"saved {path} ({model.name}, {model.count_params():,} params)")
 
     def _print_summary(self, record):

@@ -24,9 +24,10 @@ import collections
 import os
 
 import keras
-import numpy as np
 
 from rd_keras import architectures
+
+from rd_keras.errors import PretrainedError  # noqa: F401
 
 PREFIX = "keras.applications."
 # keras.applications name -> our architecture name.
@@ -36,9 +37,6 @@ NORMALIZATION = "caffe"
 IMAGENET, IMAGENET_CLASSES = "imagenet", 1000
 WEIGHT_SUFFIXES = (".weights.h5", ".h5")
 
-
-class PretrainedError(ValueError):
-    """An unknown keras.applications name, or weights that do not fit it or the configured data."""
 
 
 def is_application(path) -> bool:

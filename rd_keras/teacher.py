@@ -22,11 +22,9 @@ import keras
 import tensorflow as tf
 
 from rd_keras import architectures, pretrained
-from rd_keras.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE
+from rd_keras.errors import TeacherError  # noqa: F401
+from rd_keras.workdir import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE
 
-
-class TeacherError(ValueError):
-    """The pretrained teacher is missing, unreadable, or does not match the config."""
 
 
 @dataclasses.dataclass(frozen=True)

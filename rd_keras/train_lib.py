@@ -23,6 +23,8 @@ import tensorflow as tf
 
 from rd_keras import (architectures, checkpointing, data, distill, hybrid, pretrained, schedules, teacher,
                       transfer)
+from rd_keras import workdir as wd
+from rd_keras.errors import ConfigError  # noqa: F401
 from rd_keras.loop import TrainLoop
 
 TRAIN_MODES = ("distill", "supervised", "transfer")
@@ -32,9 +34,6 @@ STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16")
 NAN_POLICIES = ("stop", "skip")
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; raised before anything is written."""
 
 
 def _check(ok, message):
@@ -252,7 +251,7 @@ def run(config, workdir):
     """Trains as configured; returns the final evaluation dict (None when stopped early by
     `train.steps_per_run` or SIGTERM, after saving a checkpoint)."""
     validate(config)
-    resuming = checkpointing.check_workdir(workdir, config)
+    resuming = wd.check_workdir(workdir, config)
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow call.
     strategy = make_strategy(config.train.strategy)
     teacher_source = None
@@ -268,7 +267,7 @@ def run(config, workdir):
                f"config.export.enabled=True exports plain nets, but config.transfer.from="
                f"{config.transfer['from']!r} is a ResNet ({transfer_source.name}).")
         derived["transfer"] = {"source": source.path, **dataclasses.asdict(recipe)}
-    fresh = tf.train.latest_checkpoint(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) is None
+    fresh = tf.train.latest_checkpoint(wd.checkpoint_dir(workdir)) is None
     replicas = strategy.num_replicas_in_sync
     _check(config.data.batch_size % replicas == 0,
            f"config.data.batch_size={config.data.batch_size} must be divisible by the {replicas} replicas.")
@@ -291,7 +290,7 @@ def run(config, workdir):
         chief = checkpointing.is_chief(strategy)
         if chief:
             os.makedirs(workdir, exist_ok=True)
-            checkpointing.write_config(
+            wd.write_config(
                 workdir, config, dataset=dataclasses.asdict(info),
                 run={"steps_per_epoch": steps_per_epoch, "total_steps": config.train.epochs * steps_per_epoch,
                      "num_replicas": replicas, "strategy": type(strategy).__name__, "resumed": resuming,

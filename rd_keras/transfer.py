@@ -33,15 +33,13 @@ import keras
 import numpy as np
 
 from rd_keras import architectures
-from rd_keras.checkpointing import PLAIN_FILE, RESNET_FILE
+from rd_keras.errors import TransferError  # noqa: F401
+from rd_keras.workdir import PLAIN_FILE, RESNET_FILE
 from rd_keras.dirac import DiracConv2D
 
 APPLICATIONS_PREFIX = "keras.applications."
 HEAD = "logits"
 
-
-class TransferError(ValueError):
-    """The net to transfer from is missing, unreadable, or cannot be rebuilt for the configured data."""
 
 
 @dataclasses.dataclass(frozen=True)

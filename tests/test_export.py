@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, data, export
+from rd_keras import architectures, data, export
+from rd_keras import workdir as wd
 from rd_keras.export import folding, saved_model_export, tflite_export
 from rd_keras.dirac import DiracConv2D
 from rd_keras.export.tflite_export import TFLiteRunner
@@ -45,7 +46,7 @@ def make_workdir(path, *, width=0.25, train_examples=512, epochs=1, shortcuts="n
                        keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     classifier.fit(train_ds, epochs=epochs, verbose=0, shuffle=False)  # the pipeline shuffles
     os.makedirs(path, exist_ok=True)
-    checkpointing.write_config(str(path), config, dataset=dataclasses.asdict(info))
+    wd.write_config(str(path), config, dataset=dataclasses.asdict(info))
     model.save(os.path.join(path, "plain.keras"))
     return str(path)
 

@@ -26,7 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs import fashion_mnist
-from rd_keras import checkpointing, data, loop, teacher, train_lib
+from rd_keras import data, loop, teacher, train_lib
+from rd_keras import workdir as wd
 from serving import json_codec
 from serving.registry import RequestError
 
@@ -67,7 +68,7 @@ def listing(path):
 
 
 def latest_step(workdir):
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, wd.CHECKPOINT_DIR))
     return int(re.search(r"ckpt-(\d+)$", latest).group(1)) if latest else None
 
 
@@ -125,28 +126,28 @@ def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
     train_lib.run(smoke_config(**{"train.deterministic": True}), resumed)
     assert "resumed from step 11 of 16 (1 epochs done, 3 steps into the next)" in capsys.readouterr().out
 
-    for name in (checkpointing.PLAIN_FILE, checkpointing.RESNET_FILE):
+    for name in (wd.PLAIN_FILE, wd.RESNET_FILE):
         assert_bitwise_equal(model_weights(os.path.join(resumed, name)),
                              model_weights(os.path.join(uninterrupted, name)), name)
     # The whole training state agrees too: optimizer slots and iterations, BN statistics, step, epoch.
-    a = checkpoint_values(os.path.join(uninterrupted, checkpointing.CHECKPOINT_DIR, "ckpt-16"))
-    b = checkpoint_values(os.path.join(resumed, checkpointing.CHECKPOINT_DIR, "ckpt-16"))
+    a = checkpoint_values(os.path.join(uninterrupted, wd.CHECKPOINT_DIR, "ckpt-16"))
+    b = checkpoint_values(os.path.join(resumed, wd.CHECKPOINT_DIR, "ckpt-16"))
     assert a.keys() == b.keys()
     assert any("plain_optimizer" in k for k in a) and any("resnet_optimizer" in k for k in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
-    with open(os.path.join(resumed, checkpointing.METRICS_FILE)) as f:
+    with open(os.path.join(resumed, wd.METRICS_FILE)) as f:
         assert [json.loads(line)["step"] for line in f] == [8, 16]
 
 
 def test_metrics_are_trimmed_back_to_the_restored_checkpoint(tmp_path):
-    path = tmp_path / checkpointing.METRICS_FILE
+    path = tmp_path / wd.METRICS_FILE
     records = [json.dumps({"step": s, "acc": 0.5}) for s in (8, 16, 24)]
     # A kill can leave a record written after the newest checkpoint, and half a line.
     path.write_text("\n".join(records) + '\n{"step": 32, "ac')
-    assert checkpointing.trim_metrics(str(tmp_path), 16) == 2
+    assert wd.trim_metrics(str(tmp_path), 16) == 2
     assert path.read_text() == "\n".join(records[:2]) + "\n"
-    assert checkpointing.trim_metrics(str(tmp_path), 16) == 0  # nothing more to drop: file left as is
+    assert wd.trim_metrics(str(tmp_path), 16) == 0  # nothing more to drop: file left as is
 
 
 def test_sigterm_saves_the_current_step_and_the_rerun_resumes_from_it(tmp_path, capsys):
@@ -211,12 +212,12 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_the_weights_of_an_uninterrupted_
         return re.search(r"final weights sha256=(\w+)", out).group(1)
 
     assert digest(rerun.stdout) == digest(out_a)
-    for name in (checkpointing.PLAIN_FILE, checkpointing.RESNET_FILE):
+    for name in (wd.PLAIN_FILE, wd.RESNET_FILE):
         assert_bitwise_equal(model_weights(os.path.join(killed, name)),
                              model_weights(os.path.join(uninterrupted, name)), name)
 
     def evaluations(workdir):  # train-loss means cover only the steps of one process; evaluations all
-        with open(os.path.join(workdir, checkpointing.METRICS_FILE)) as f:
+        with open(os.path.join(workdir, wd.METRICS_FILE)) as f:
             return [{k: r[k] for k in ("step", "acc", "teacher_acc", "hybrid_acc", "loss")}
                     for r in map(json.loads, f)]
 
@@ -240,15 +241,15 @@ def test_nan_stop_names_step_and_terms_and_keeps_the_last_good_checkpoint(tmp_pa
     assert "plain_ce=nan" in message and "train.nan_policy='stop'" in message
     # The newest checkpoint is the state before the bad step, and finite.
     assert latest_step(workdir) == bad_step
-    values = checkpoint_values(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, f"ckpt-{bad_step}"))
+    values = checkpoint_values(os.path.join(workdir, wd.CHECKPOINT_DIR, f"ckpt-{bad_step}"))
     floats = {k: v for k, v in values.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
     assert floats and all(np.isfinite(v).all() for v in floats.values())
-    assert not os.path.exists(os.path.join(workdir, checkpointing.PLAIN_FILE))
+    assert not os.path.exists(os.path.join(workdir, wd.PLAIN_FILE))
     # Rerunning meets the same NaN and stops again, leaving the good checkpoint as it was.
-    before = listing(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+    before = listing(os.path.join(workdir, wd.CHECKPOINT_DIR))
     with pytest.raises(loop.NonFiniteLossError, match=f"Non-finite loss at step {bad_step}: "):
         train_lib.run(config, workdir)
-    assert listing(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)) == before
+    assert listing(os.path.join(workdir, wd.CHECKPOINT_DIR)) == before
 
 
 def test_nan_skip_drops_exactly_the_bad_updates_and_finishes(tmp_path, capsys):
@@ -261,11 +262,11 @@ def test_nan_skip_drops_exactly_the_bad_updates_and_finishes(tmp_path, capsys):
     assert skipped
     # A skipped step changes nothing but the step counter: no weight, optimizer slot or BN statistic.
     for step in skipped:
-        before, after = (checkpoint_values(os.path.join(workdir, checkpointing.CHECKPOINT_DIR, f"ckpt-{s}"))
+        before, after = (checkpoint_values(os.path.join(workdir, wd.CHECKPOINT_DIR, f"ckpt-{s}"))
                          for s in (step, step + 1))
         changed = [k for k in before if not np.array_equal(before[k], after[k])]
         assert all(k.startswith(("step/", "epoch/")) for k in changed), (step, changed)
-    for name in (checkpointing.PLAIN_FILE, checkpointing.RESNET_FILE):
+    for name in (wd.PLAIN_FILE, wd.RESNET_FILE):
         assert all(np.isfinite(w).all() for w in model_weights(os.path.join(workdir, name)))
 
 
@@ -308,7 +309,7 @@ def finished_run(tmp_path_factory):
 
 def _teacher_of_another_arch(run, data_dir):
     return {"train.mode": "distill", "teacher.mode": "pretrained",
-            "teacher.path": os.path.join(run, checkpointing.RESNET_FILE), "model.arch": "resnet20"}
+            "teacher.path": os.path.join(run, wd.RESNET_FILE), "model.arch": "resnet20"}
 
 
 def _teacher_of_another_class_count(run, data_dir):
@@ -331,7 +332,7 @@ BAD_INPUT = [
      r"config.data: .*Received: batch_size=0"),
     ("idx_dir_missing", lambda run, d: {"data.data_dir": d + "-moved"}, "finished", data.DataError,
      r"-moved/train-images-idx3-ubyte\[.gz\]: IDX file not found"),
-    ("corrupt_config_json", lambda run, d: {}, "finished", checkpointing.WorkdirError,
+    ("corrupt_config_json", lambda run, d: {}, "finished", wd.WorkdirError,
      r"config.json: unreadable"),
     ("tfds_unknown_name", lambda run, d: {"data.source": "tfds", "data.name": "fashion_mnistt",
                                           "data.data_dir": d}, "new", data.DataError,
@@ -356,7 +357,7 @@ def test_bad_input_fails_before_anything_is_written(finished_run, tmp_path, name
         if name == "corrupt_config_json":  # e.g. a disk that filled up while another tool wrote it
             workdir = str(tmp_path / "copy")
             subprocess.run(["cp", "-a", run, workdir], check=True)
-            with open(os.path.join(workdir, checkpointing.CONFIG_FILE), "r+") as f:
+            with open(os.path.join(workdir, wd.CONFIG_FILE), "r+") as f:
                 f.truncate(100)
         before = listing(workdir)
     else:

@@ -19,6 +19,7 @@ import pytest
 import tensorflow as tf
 
 from rd_keras import checkpointing
+from rd_keras import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = "127.0.0.1"
@@ -86,7 +87,7 @@ def test_two_workers_train_as_one_and_only_the_chief_writes(tmp_path):
     assert not os.path.exists(worker_dir)
     # The non-chief's scratch checkpoints (a save is a collective it must join) are gone.
     assert not [n for n in os.listdir(tmpdirs[1]) if n.startswith("rd_keras_worker_ckpt_")]
-    with open(os.path.join(chief_dir, checkpointing.CONFIG_FILE)) as f:
+    with open(os.path.join(chief_dir, wd.CONFIG_FILE)) as f:
         run = json.load(f)["run"]
     assert run["num_replicas"] == 2 and run["strategy"] == "CollectiveAllReduceStrategy"  # = MultiWorkerMirrored
     for name in ("checkpoints/ckpt-16.index", "tensorboard/train", "metrics.jsonl",
@@ -96,7 +97,7 @@ def test_two_workers_train_as_one_and_only_the_chief_writes(tmp_path):
     chief_digest, worker_digest = digests(first)
     assert chief_digest == worker_digest
     saved = [keras.saving.load_model(os.path.join(chief_dir, name), compile=False)
-             for name in (checkpointing.PLAIN_FILE, checkpointing.RESNET_FILE)]
+             for name in (wd.PLAIN_FILE, wd.RESNET_FILE)]
     assert checkpointing.weights_digest(saved) == chief_digest
 
     # Rerunning resumes from the chief's directory, which this non-chief cannot see: it would restore

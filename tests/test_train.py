@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, checkpointing, loop, teacher, train_lib
+from rd_keras import architectures, loop, teacher, train_lib
+from rd_keras import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("fashion_mnist", "cifar10", "cifar100", "imagenet")
@@ -197,13 +198,13 @@ def test_teacher_from_keras_file_and_checkpoint_agree(tmp_path):
     train_lib.run(config, source)
     kw = dict(model_config=config.model, num_classes=10, input_shape=(16, 16, 3))
     from_file = teacher.load(teacher.resolve(source), **kw)
-    prefix = os.path.join(source, checkpointing.CHECKPOINT_DIR, "ckpt-8")  # the last one: same weights
+    prefix = os.path.join(source, wd.CHECKPOINT_DIR, "ckpt-8")  # the last one: same weights
     from_checkpoint = teacher.load(teacher.resolve(prefix), **kw)
     for a, b in zip(from_file.weights, from_checkpoint.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
-    os.remove(os.path.join(source, checkpointing.RESNET_FILE))  # now it looks like an unfinished run
+    os.remove(os.path.join(source, wd.RESNET_FILE))  # now it looks like an unfinished run
     assert teacher.resolve(source) == teacher.TeacherSource(
-        "checkpoint", prefix, os.path.join(source, checkpointing.CONFIG_FILE))
+        "checkpoint", prefix, os.path.join(source, wd.CONFIG_FILE))
     config.model.width = 0.5
     with pytest.raises(teacher.TeacherError, match=r"width: 0.25 vs 0.5"):
         teacher.load(teacher.resolve(prefix), **kw)
@@ -216,14 +217,14 @@ def test_nan_stop_names_step_and_term_and_keeps_finite_checkpoints(tmp_path):
     with pytest.raises(loop.NonFiniteLossError, match=r"Non-finite (loss|weights) at step \d+") as err:
         train_lib.run(config, workdir)
     assert "nan_policy" in str(err.value)
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, wd.CHECKPOINT_DIR))
     if latest:  # the last checkpoint written before the failure holds only finite numbers
         reader = tf.train.load_checkpoint(latest)
         for name in reader.get_variable_to_shape_map():
             value = reader.get_tensor(name)
             if np.issubdtype(np.asarray(value).dtype, np.floating):
                 assert np.isfinite(value).all(), name
-    assert not os.path.exists(os.path.join(workdir, checkpointing.PLAIN_FILE))
+    assert not os.path.exists(os.path.join(workdir, wd.PLAIN_FILE))
 
 
 def test_sigterm_checkpoints_then_exits(tmp_path, monkeypatch):
@@ -243,5 +244,5 @@ def test_sigterm_checkpoints_then_exits(tmp_path, monkeypatch):
         train_lib.run(synthetic_config(**{"train.checkpoint_every_steps": 1000}), workdir)
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == previous
-    latest = tf.train.latest_checkpoint(os.path.join(workdir, checkpointing.CHECKPOINT_DIR))
+    latest = tf.train.latest_checkpoint(os.path.join(workdir, wd.CHECKPOINT_DIR))
     assert latest and re.search(r"ckpt-(\d+)$", latest).group(1) == "4"  # the first log point of smoke

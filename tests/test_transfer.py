@@ -14,7 +14,8 @@ import tensorflow as tf
 from PIL import Image
 
 from configs import fashion_mnist
-from rd_keras import architectures, checkpointing, data, train_lib, transfer
+from rd_keras import architectures, data, train_lib, transfer
+from rd_keras import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2", "TFDS_DATA_DIR": "/nonexistent",
@@ -107,7 +108,7 @@ def test_resumed_run_does_not_copy_again_and_ends_bitwise_equal(tmp_path, determ
     assert len(calls) == 2
     train_lib.run(smoke_config(**overrides), str(tmp_path / "b"))  # resumes at step 5 of 8
     assert len(calls) == 2  # the checkpoint, not the teacher, holds the plain net's weights now
-    for name in (checkpointing.PLAIN_FILE, checkpointing.RESNET_FILE):
+    for name in (wd.PLAIN_FILE, wd.RESNET_FILE):
         a = keras.saving.load_model(str(tmp_path / "a" / name), compile=False).weights
         b = keras.saving.load_model(str(tmp_path / "b" / name), compile=False).weights
         for x, y in zip(a, b, strict=True):
@@ -168,10 +169,10 @@ def test_transfer_new_head_frozen_stages_unchanged_and_resnet_saved_as_resnet(so
     folder = write_image_folder(tmp_path / "images")
     workdir = tmp_path / "ft"
     record = train_lib.run(transfer_config(sources / "resnet", folder, **{"transfer.freeze_stages": 2}), str(workdir))
-    assert record["step"] == 6 and os.path.isfile(workdir / checkpointing.RESNET_FILE)
-    assert not os.path.exists(workdir / checkpointing.PLAIN_FILE)
-    tuned = keras.saving.load_model(str(workdir / checkpointing.RESNET_FILE), compile=False)
-    source = keras.saving.load_model(str(sources / "resnet" / checkpointing.RESNET_FILE), compile=False)
+    assert record["step"] == 6 and os.path.isfile(workdir / wd.RESNET_FILE)
+    assert not os.path.exists(workdir / wd.PLAIN_FILE)
+    tuned = keras.saving.load_model(str(workdir / wd.RESNET_FILE), compile=False)
+    source = keras.saving.load_model(str(sources / "resnet" / wd.RESNET_FILE), compile=False)
     assert tuned.get_layer("logits").units == 3 and source.get_layer("logits").units == 10
     before, after = weights_by_layer(source), weights_by_layer(tuned)
     for name in after:
@@ -180,7 +181,7 @@ def test_transfer_new_head_frozen_stages_unchanged_and_resnet_saved_as_resnet(so
             for x, y in zip(before[name], after[name], strict=True):
                 np.testing.assert_array_equal(x, y, err_msg=name)
     assert not np.array_equal(before["stage2_block1_bn1"][2], after["stage2_block1_bn1"][2])  # moving mean trained
-    with open(workdir / checkpointing.CONFIG_FILE) as f:
+    with open(workdir / wd.CONFIG_FILE) as f:
         assert json.load(f)["run"]["transfer"]["shortcuts"] == "all"
 
 
@@ -235,7 +236,7 @@ def test_readme_command_fine_tunes_a_plain_net_on_an_image_folder_and_exports_it
     assert "resumed from step 1 of 6" in second.stdout
     assert sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "checkpoints", "ckpt-*.index"))) == [
         "ckpt-3.index", "ckpt-4.index", "ckpt-6.index"]  # epoch ends and every 4 steps, the newest 3 kept
-    model = keras.saving.load_model(os.path.join(workdir, checkpointing.PLAIN_FILE), compile=False)
+    model = keras.saving.load_model(os.path.join(workdir, wd.PLAIN_FILE), compile=False)
     assert model.name == "plain8" and model.get_layer("logits").units == 3
     with open(os.path.join(workdir, "export", "report.json")) as f:
         report = json.load(f)

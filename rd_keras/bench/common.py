@@ -19,6 +19,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from rd_keras.errors import FlagError  # noqa: F401
+
 DEFAULT_ARCHS = ("resnet20", "resnet56", "resnet18", "resnet50")
 # Native input shape and class count of each stem: CIFAR (32x32 RGB, 10 classes), ImageNet (224, 1000).
 NATIVE = {"cifar": ((32, 32, 3), 10), "imagenet": ((224, 224, 3), 1000)}
@@ -27,9 +29,6 @@ RESULTS_DIR = os.path.join("docs", "results")
 # which change neither the kernels run nor the memory planned, so a few suffice for speed and memory.
 CALIBRATION_IMAGES = 4
 
-
-class FlagError(ValueError):
-    """A command-line value that cannot work; the message quotes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,13 +171,9 @@ def machine(argv, load_at_start=None) -> dict:
 
 def write_json(path: str, payload: dict) -> None:
     """Writes `payload` to `path` (parents created) via a temporary file, so a crash leaves no half file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    from rd_keras.workdir import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=1, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(value):

@@ -25,6 +25,7 @@ import sys
 import numpy as np
 
 from rd_keras.bench import accuracy as bench_accuracy
+from rd_keras import workdir as wd
 from rd_keras.bench import common
 
 FMNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
@@ -144,9 +145,9 @@ def plan(args, source, target, runs):
         plans.append(("src_plain", None, "configs/fashion_mnist.py",
                       {**src, "train.mode": "supervised", "model.supervised_shortcuts": "none"}))
     # (name, source run, file in it)
-    fine_tunes = [("resnet", "src_rd", "resnet.keras"), ("plain_rd", "src_rd", "plain.keras")]
+    fine_tunes = [("resnet", "src_rd", wd.RESNET_FILE), ("plain_rd", "src_rd", wd.PLAIN_FILE)]
     if "plain" in runs:
-        fine_tunes.append(("plain", "src_plain", "plain.keras"))
+        fine_tunes.append(("plain", "src_plain", wd.PLAIN_FILE))
     for name, needs, file in fine_tunes:
         plans.append((f"ft_{name}", needs, "configs/transfer.py",
                       {**tgt, "transfer.from": os.path.join(out, needs, file), "train.lr": args.ft_lr,

@@ -26,8 +26,10 @@ import keras
 import numpy as np
 
 from rd_keras import architectures, data
+from rd_keras import workdir as wd
 from rd_keras.export import folding
-from rd_keras.export.workdir_export import load_workdir, write_atomic
+from rd_keras.export.workdir_export import load_workdir
+from rd_keras.workdir import write_atomic
 from rd_keras.export.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
 
 MOMENTUM = 0.9
@@ -131,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    output = args.output or os.path.join(args.workdir, "export", "tflite", "plain_qat.tflite")
+    output = args.output or wd.tflite_path(args.workdir, "qat")
     try:
         config, model = load_workdir(args.workdir)
         payload = quantization_aware_tflite(config, model, steps=args.steps, io_type=args.io_type,

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from rd_keras import data
+from rd_keras.workdir import publish_dir
 
 INPUT_KEY = "images"
 SIGNATURES = ("serving_default", "predict_preprocessed")
@@ -94,7 +95,7 @@ def _publish(tmp_dir, model_dir):
         target = os.path.join(model_dir, str(version))
         if not os.path.lexists(target):
             try:
-                os.rename(tmp_dir, target)
+                publish_dir(tmp_dir, target)
                 return version, target
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):

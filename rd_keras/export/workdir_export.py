@@ -32,6 +32,7 @@ import tensorflow as tf
 import tqdm
 
 from rd_keras import architectures, data
+from rd_keras import workdir as wd
 from rd_keras.export import folding, saved_model_export, tflite_export
 
 FORMATS = ("saved_model", "tflite")
@@ -44,7 +45,7 @@ def load_workdir(workdir):
     """`(config, model)` from `workdir/config.json` and `workdir/plain.keras`, with one clear error each."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"Workdir not found: {workdir!r}")
-    config_path, model_path = os.path.join(workdir, "config.json"), os.path.join(workdir, "plain.keras")
+    config_path, model_path = wd.config_path(workdir), wd.plain_path(workdir)
     for path in (config_path, model_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: missing; is {workdir!r} a finished training workdir?")
@@ -128,17 +129,7 @@ def _keras_logits(model, normalised, progress, desc):
                            for batch in _batches(normalised, progress, desc)])
 
 
-def write_atomic(path, payload):
-    """Readers of `path` see the old file or the new one, never a partial write."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+write_atomic = wd.write_atomic  # the one atomic writer (rd_keras.workdir)
 
 
 def _dir_size(path):
@@ -176,15 +167,14 @@ def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
 
 def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalised, labels, reference, *,
                    calibration_examples, int8_io, qat_steps, qat_learning_rate, progress):
-    tflite_dir = os.path.join(export_dir, "tflite")
-    os.makedirs(tflite_dir, exist_ok=True)
+    os.makedirs(wd.tflite_dir(workdir), exist_ok=True)
     calibration = None
     if "int8" in quantize:
         raw, _ = data.raw_examples(config, "train", calibration_examples)
         calibration = data.normalize(raw, info.mean, info.std, info.channel_order).numpy()
     results = {}
     for quant in quantize + (("qat",) if qat_steps else ()):
-        path = os.path.join(tflite_dir, f"plain_{quant}.tflite")
+        path = wd.tflite_path(workdir, quant)
         if quant == "qat":
             _run_qat(workdir, path, steps=qat_steps, io_type=int8_io, learning_rate=qat_learning_rate,
                      progress=progress)
@@ -216,7 +206,7 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
     classifier = architectures.classifier(model)
     folded = folding.fold(classifier)
     if tuple(classifier.input.shape[1:]) != tuple(info.image_shape):
-        raise ValueError(f"{workdir}/plain.keras takes images of shape {classifier.input.shape[1:]}, "
+        raise ValueError(f"{wd.plain_path(workdir)} takes images of shape {classifier.input.shape[1:]}, "
                          f"but config.json's data pipeline yields {info.image_shape}.")
 
     images, labels = data.raw_examples(config, "test", eval_examples)
@@ -225,12 +215,12 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
     unfolded = _keras_logits(folding.float32_copy(classifier), normalised, progress, "float32")
     fold_diff = float(np.abs(_keras_logits(folded, normalised, progress, "folded") - unfolded).max())
     if fold_diff > FOLD_TOLERANCE * (1.0 + np.abs(unfolded).max()):
-        raise RuntimeError(f"Folded model differs from plain.keras by {fold_diff} in the logits.")
+        raise RuntimeError(f"Folded model differs from {wd.PLAIN_FILE} by {fold_diff} in the logits.")
     reference = tf.nn.softmax(logits).numpy()
 
-    export_dir = os.path.join(workdir, "export")
-    artefacts = {"keras": {"path": os.path.join(workdir, "plain.keras"),
-                           "size_bytes": os.path.getsize(os.path.join(workdir, "plain.keras")),
+    export_dir = wd.export_dir(workdir)
+    artefacts = {"keras": {"path": wd.plain_path(workdir),
+                           "size_bytes": os.path.getsize(wd.plain_path(workdir)),
                            "input": {"dtype": "float32", "shape": [-1, *info.image_shape],
                                      "normalised": True},
                            **_compare(reference, labels, reference)}}
@@ -254,7 +244,7 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         "artefacts": artefacts,
     }
     os.makedirs(export_dir, exist_ok=True)
-    write_atomic(os.path.join(export_dir, "report.json"), json.dumps(report, indent=2).encode())
+    write_atomic(wd.report_path(workdir), json.dumps(report, indent=2).encode())
     return report
 
 
@@ -299,7 +289,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     print(format_table(report))
-    print(f"\nreport: {os.path.join(args.workdir, 'export', 'report.json')}")
+    print(f"\nreport: {wd.report_path(args.workdir)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,43 @@
+"""The errors a user can fix: one base class, `RDError`, so `train.py` (and any caller) catches one type
+and prints one `error: <message>` line instead of a traceback. Each subclass also derives from the builtin
+it replaced (ValueError, FloatingPointError), so `except ValueError` keeps working.
+
+Message style: name the key, flag or path and the offending value (`config.x=...`, `--flag=...`,
+`path: problem`), then say what would work.
+"""
+
+
+class RDError(Exception):
+    """Base class of every error rd_keras raises for bad input (config, flags, data, files)."""
+
+
+class ConfigError(RDError, ValueError):
+    """A config value that cannot work; raised before anything is written."""
+
+
+class DataError(RDError, ValueError):
+    """Data files or prepared datasets that are missing, corrupt or inconsistent."""
+
+
+class WorkdirError(RDError, ValueError):
+    """The workdir belongs to a different run (or is not a workdir at all)."""
+
+
+class TeacherError(RDError, ValueError):
+    """The pretrained teacher is missing, unreadable, or does not match the config."""
+
+
+class PretrainedError(RDError, ValueError):
+    """An unknown keras.applications name, or weights that do not fit it or the configured data."""
+
+
+class TransferError(RDError, ValueError):
+    """The net to transfer from is missing, unreadable, or cannot be rebuilt for the configured data."""
+
+
+class FlagError(RDError, ValueError):
+    """A command-line value that cannot work; the message quotes it."""
+
+
+class NonFiniteLossError(RDError, FloatingPointError):
+    """A loss (or a weight) became NaN or Inf under `train.nan_policy='stop'`."""

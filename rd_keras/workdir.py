@@ -1,0 +1,213 @@
+"""The run directory: every path inside it, config.json (and the check that a rerun uses the same config),
+metrics.jsonl trimming, and the one atomic writer. Nothing else spells these names.
+
+Layout of a workdir `W`:
+
+    W/config.json          the resolved config, plus "dataset" (DatasetInfo) and "run" (derived numbers)
+    W/checkpoints/         tf.train.CheckpointManager files, numbered by global step (checkpointing.py)
+    W/tensorboard/{train,eval}/
+    W/metrics.jsonl        one JSON object per evaluation
+    W/plain.keras          the plain net alone; W/resnet.keras the ResNet when one was trained
+    W/export/              saved_model/<model_name>/<version>/, tflite/plain_<quant>.tflite, report.json
+    W/bench_run.json       written by `python -m rd_keras.bench accuracy` when the run finished
+
+A process may be killed at any instruction, so every file a resumed run relies on is replaced atomically
+(written aside, then renamed: `write_atomic`, `save_model_atomic`, `publish_dir`): config.json, the
+checkpoints (tf.train.CheckpointManager writes them aside and then rewrites its `checkpoint` index
+atomically), plain.keras and resnet.keras, the export. metrics.jsonl is appended to, and trimmed back to
+the restored checkpoint when a run starts (`trim_metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from rd_keras.errors import WorkdirError  # noqa: F401  (raised here, caught by train.py as an RDError)
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+PLAIN_FILE = "plain.keras"
+RESNET_FILE = "resnet.keras"
+EXPORT_DIR = "export"
+SAVED_MODEL_DIR = "saved_model"  # under EXPORT_DIR: <model_name>/<version>/
+TFLITE_DIR = "tflite"  # under EXPORT_DIR
+REPORT_FILE = "report.json"  # under EXPORT_DIR
+BENCH_RUN_FILE = "bench_run.json"
+# Top-level sections of config.json that are derived from the config, not part of it.
+DERIVED_SECTIONS = ("dataset", "run")
+# Keys a rerun may change without starting a new workdir: they affect bookkeeping or speed, not results.
+RESUME_MUTABLE_KEYS = frozenset({
+    "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.steps_per_run",
+    "train.progress", "train.strategy", "train.jit_compile", "data.data_dir", "data.manual_dir", "data.cache",
+    # What happens after training does not change the training itself.
+    "export.enabled", "export.formats", "export.quantize", "export.qat_steps", "export.model_name",
+    "export.eval_examples",
+})
+
+
+# --- paths ---------------------------------------------------------------------------------------------
+
+def config_path(workdir: str) -> str:
+    return os.path.join(workdir, CONFIG_FILE)
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def metrics_path(workdir: str) -> str:
+    return os.path.join(workdir, METRICS_FILE)
+
+
+def tensorboard_dir(workdir: str, name: str = "") -> str:
+    """`W/tensorboard`, or `W/tensorboard/<name>` (`train`, `eval`)."""
+    return os.path.join(workdir, TENSORBOARD_DIR, name) if name else os.path.join(workdir, TENSORBOARD_DIR)
+
+
+def plain_path(workdir: str) -> str:
+    return os.path.join(workdir, PLAIN_FILE)
+
+
+def resnet_path(workdir: str) -> str:
+    return os.path.join(workdir, RESNET_FILE)
+
+
+def export_dir(workdir: str) -> str:
+    return os.path.join(workdir, EXPORT_DIR)
+
+
+def saved_model_dir(workdir: str, model_name: str) -> str:
+    return os.path.join(workdir, EXPORT_DIR, SAVED_MODEL_DIR, model_name)
+
+
+def tflite_dir(workdir: str) -> str:
+    return os.path.join(workdir, EXPORT_DIR, TFLITE_DIR)
+
+
+def tflite_path(workdir: str, quantize: str) -> str:
+    """`W/export/tflite/plain_<quantize>.tflite` (`none`, `fp16`, `dynamic`, `int8`, `qat`)."""
+    return os.path.join(tflite_dir(workdir), f"plain_{quantize}.tflite")
+
+
+def report_path(workdir: str) -> str:
+    return os.path.join(workdir, EXPORT_DIR, REPORT_FILE)
+
+
+def bench_run_path(workdir: str) -> str:
+    return os.path.join(workdir, BENCH_RUN_FILE)
+
+
+# --- the atomic writer ---------------------------------------------------------------------------------
+
+def write_atomic(path: str, payload) -> None:
+    """Writes `payload` (bytes or str) to `path` through a temporary file renamed over it: readers see the
+    old file or the new one, never a partial write. Parent directories are created."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    data = payload.encode() if isinstance(payload, str) else payload
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model_atomic(model, path: str) -> None:
+    """`model.save(path)` through a temporary file renamed over `path`: a kill never leaves a torn file."""
+    partial = path[:-len(".keras")] + ".partial.keras"  # keras insists on the .keras suffix
+    model.save(partial)
+    os.replace(partial, path)
+
+
+def publish_dir(tmp_dir: str, target: str) -> None:
+    """Renames the complete directory `tmp_dir` to `target`, which must not exist (never replaced: an
+    OSError with EEXIST or ENOTEMPTY says another writer got there first)."""
+    os.rename(tmp_dir, target)
+
+
+# --- config.json and metrics.jsonl ---------------------------------------------------------------------
+
+def _flatten(tree, prefix=""):
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _json_tree(config):
+    # Through JSON, as config.json went: tuples become lists, so equal configs compare equal.
+    tree = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(tree))
+
+
+def config_diff(old: dict, new) -> dict:
+    """{key: (old, new)} for every dotted key whose value differs, ignoring the derived sections."""
+    old = {k: v for k, v in old.items() if k not in DERIVED_SECTIONS}
+    flat_old, flat_new = _flatten(old), _flatten(_json_tree(new))
+    absent = "<absent>"
+    keys = sorted(set(flat_old) | set(flat_new))
+    pairs = {k: (flat_old.get(k, absent), flat_new.get(k, absent)) for k in keys}
+    return {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+
+
+def check_workdir(workdir: str, config) -> bool:
+    """Raises WorkdirError if `workdir` holds a run with another config; returns True if it holds one
+    with this config (a resume). Reads only: nothing is created or written."""
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        if os.path.isdir(checkpoint_dir(workdir)):
+            raise WorkdirError(f"{workdir!r} has {CHECKPOINT_DIR}/ but no {CONFIG_FILE}: not a workdir this "
+                               "code can resume. Use a new --workdir.")
+        return False
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WorkdirError(f"{path}: unreadable ({e}). Use a new --workdir.") from None
+    diff = {k: v for k, v in config_diff(old, config).items() if k not in RESUME_MUTABLE_KEYS}
+    if diff:
+        lines = "\n".join(f"  {k}: {a!r} in the workdir, {b!r} now" for k, (a, b) in diff.items())
+        raise WorkdirError(f"{workdir!r} holds a run with a different config:\n{lines}\n"
+                           "Resuming it would mix two experiments. Use a new --workdir (or the old config). "
+                           f"Keys that may change on resume: {sorted(RESUME_MUTABLE_KEYS)}.")
+    return True
+
+
+def write_config(workdir: str, config, **derived):
+    """Writes config.json atomically: the config, plus the derived sections (`dataset`, `run`)."""
+    unknown = set(derived) - set(DERIVED_SECTIONS)
+    if unknown:
+        raise ValueError(f"Derived sections must be among {DERIVED_SECTIONS}, got {sorted(unknown)}.")
+    tree = {**_json_tree(config), **json.loads(json.dumps(derived))}
+    write_atomic(config_path(workdir), json.dumps(tree, indent=2, sort_keys=True))
+
+
+def trim_metrics(workdir: str, step: int) -> int:
+    """Keeps the records of metrics.jsonl up to `step` (the restored one) and drops any line a kill left
+    half-written, so that the records match the checkpoint and a resumed run writes no duplicates.
+    Returns how many lines were dropped."""
+    path = metrics_path(workdir)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    if len(kept) < len(lines):
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
