@@ -6,7 +6,7 @@ bar. No checkpoint is written before that check (nor with non-finite weights), s
 is always a good one.
 
 A run resumes from the newest checkpoint at the exact batch it reached: the epoch's pass over the data is
-rebuilt and its consumed batches skipped (`data.TrainPasses`), and metrics.jsonl is trimmed back to it.
+rebuilt and its consumed batches skipped (`data.TrainPasses`), and the metrics records are trimmed back to it.
 SIGTERM stops the run after the current step, with a checkpoint; in a multi-worker run the workers agree
 on stopping at a log point (a collective), so that they all save the same step and none waits for the
 others forever.

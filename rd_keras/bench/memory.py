@@ -80,13 +80,11 @@ def _rss_child(job):
 
     from ai_edge_litert.interpreter import Interpreter
 
+    from rd_keras.export.quantize import quantize_input
+
     interpreter = Interpreter(model_path=job["tflite_path"], num_threads=1)
     inp = interpreter.get_input_details()[0]
-    scale, zero_point = inp["quantization"]
-    if scale:
-        info = np.iinfo(inp["dtype"])
-        x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
-    x = x.astype(inp["dtype"])
+    x = quantize_input(x, inp)
     interpreter.resize_tensor_input(inp["index"], [1, *shape])
     interpreter.allocate_tensors()
     interpreter.set_tensor(inp["index"], x[:1])

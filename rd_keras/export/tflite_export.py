@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
+from rd_keras.export.quantize import quantization, quantize_input
+
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
 IO_TYPES = ("int8", "uint8")
 INPUT_NAME, OUTPUT_NAME, SIGNATURE = "images", "probabilities", "serving_default"
@@ -76,11 +78,6 @@ def convert(folded, image_shape, quantize, calibration=None, io_type="int8", pro
             return converter.convert()
 
 
-def _quantization(detail):
-    scale, zero_point = detail["quantization"]
-    return float(scale), int(zero_point)
-
-
 class TFLiteRunner:
     """Runs a `.tflite` classifier on float32 normalised images, quantising/dequantising as the file says.
 
@@ -103,7 +100,7 @@ class TFLiteRunner:
         def describe(detail, **extra):
             entry = {"dtype": np.dtype(detail["dtype"]).name,
                      "shape": [int(d) for d in detail["shape_signature"]], **extra}
-            scale, zero_point = _quantization(detail)
+            scale, zero_point = quantization(detail)
             if scale:
                 entry.update(scale=scale, zero_point=zero_point)
             return entry
@@ -115,12 +112,7 @@ class TFLiteRunner:
 
     def quantize_input(self, images):
         """float32 normalised images -> the model's input dtype (unchanged for float models)."""
-        dtype = np.dtype(self._input["dtype"])
-        scale, zero_point = _quantization(self._input)
-        if not scale:
-            return images.astype(dtype)
-        info = np.iinfo(dtype)
-        return np.clip(np.round(images / scale) + zero_point, info.min, info.max).astype(dtype)
+        return quantize_input(images, self._input)
 
     def __call__(self, images):
         """float32 normalised images `[N, H, W, C]` -> float32 probabilities `[N, classes]`."""
@@ -132,7 +124,7 @@ class TFLiteRunner:
         self.interpreter.set_tensor(self._input["index"], self.quantize_input(images))
         self.interpreter.invoke()
         out = self.interpreter.get_tensor(self._output["index"])
-        scale, zero_point = _quantization(self._output)
+        scale, zero_point = quantization(self._output)
         return ((out.astype(np.float32) - zero_point) * scale) if scale else out.astype(np.float32)
 
     def float_tensors(self):
