@@ -1,18 +1,18 @@
 """Defaults shared by every config; each dataset config overrides only what differs.
 
-Every number of a run lives in its config. Sections: `data` (see rd_keras.data.default_data_config),
+Every number of a run lives in its config. Sections: `data` (its fields and defaults: rd_keras.defaults.DATA),
 `model`, `teacher`, `distill`, `train`. Config files import it as `configs.common`: train.py's folder (the
 repository root) is on sys.path, wherever it is launched from.
 """
 
 import ml_collections
 
-from rd_keras import data
+from rd_keras import defaults
 
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.data = data.default_data_config()
+    config.data = defaults.data_config()
 
     config.model = ml_collections.ConfigDict({
         "arch": "resnet20",  # a key of rd_keras.architectures.SPECS, or resnet<6n+2>
@@ -47,11 +47,11 @@ def get_config():
     config.train = ml_collections.ConfigDict({
         "mode": "distill",  # "distill" (RD) or "supervised" (one net, model.supervised_shortcuts)
         "epochs": 200,
-        "lr": 0.1,  # for the global batch size data.batch_size
+        "lr": defaults.LR,  # for the global batch size data.batch_size
         "warmup_epochs": 1.0,  # linear warm-up, then cosine decay to 0
-        "momentum": 0.9,
-        "nesterov": True,
-        "weight_decay": 5e-4,  # L2: loss += wd/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
+        "momentum": defaults.MOMENTUM,
+        "nesterov": defaults.NESTEROV,
+        "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += wd/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
         "precision": "float32",  # or "mixed_float16" (loss-scaled)
@@ -80,8 +80,8 @@ def get_config():
         "formats": "saved_model,tflite",
         "quantize": "none,int8",  # TFLite variants: none, fp16, dynamic, int8 (or "all")
         "qat_steps": 0,  # > 0: also a quantisation-aware fine-tune, giving plain_qat.tflite
-        "model_name": "plain",  # TF Serving model name
-        "eval_examples": 1000,  # test images for the accuracy report of every artefact
+        "model_name": defaults.MODEL_NAME,  # TF Serving model name
+        "eval_examples": defaults.EVAL_EXAMPLES,  # test images for the accuracy report of every artefact
     })
     return config
 

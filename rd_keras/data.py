@@ -27,10 +27,8 @@ import gzip
 import os
 import zlib
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
-from ml_collections import config_dict
 
 from rd_keras.errors import DataError  # noqa: F401
 
@@ -68,33 +66,6 @@ class DatasetInfo:
     std: tuple
     eval_split: str = "test"  # "validation" when `validation_split` holds out part of the train split
     channel_order: str = "rgb"  # "bgr": channels reversed before `mean`/`std` (given in BGR order) apply
-
-
-def default_data_config():
-    """All `config.data` fields with their defaults: native-size Fashion-MNIST from the Debian package."""
-    return ml_collections.ConfigDict({
-        "source": "idx",
-        "name": "fashion_mnist",
-        "data_dir": "/usr/share/datasets/fashion-mnist",
-        "manual_dir": "",  # tfds manual downloads (imagenet2012)
-        "download": False,  # tfds only: allow download_and_prepare
-        "image_size": config_dict.placeholder(int),  # None keeps the native size
-        "channels": 3,  # synthetic images; folder images are decoded to this many channels
-        "num_classes": 10,  # synthetic and idx; tfds and folder know their own
-        "classes": (),  # idx, folder, synthetic: keep only these labels, renumbered 0.. in this order; () = all
-        "synthetic_examples": 512,  # train split; the test split gets a fifth as many
-        "batch_size": 128,  # global, across replicas
-        "augment": "cifar",
-        "train_subset": 0,  # 0 = all; else the first n examples
-        "eval_subset": 0,
-        "validation_split": 0.0,  # > 0: evaluate on the last fraction of the train examples, test only at the end
-        "cache": True,  # in memory, after decoding: turn off for ImageNet-sized data
-        "shuffle_buffer": 10_000,
-        "seed": 0,
-        "mean": (),  # empty = known constants for `name`, else 0.5 per channel
-        "std": (),
-        "normalization": "dataset",  # "dataset" (mean/std above) | "caffe" | "torch": as the pretrained teacher
-    })
 
 
 # ----------------------------------------------------------------------------- preprocessing

@@ -12,12 +12,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rd_keras import data
+from rd_keras import defaults
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def make_config(**overrides):
-    config = ml_collections.ConfigDict({"data": data.default_data_config()})
+    config = ml_collections.ConfigDict({"data": defaults.data_config()})
     config.data.update(overrides)
     return config
 

@@ -17,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from rd_keras import architectures, data, export
+from rd_keras import defaults
 from rd_keras import workdir as wd
 from rd_keras.export import folding, saved_model_export, tflite_export
 from rd_keras.dirac import DiracConv2D
@@ -33,7 +34,7 @@ def make_workdir(path, *, width=0.25, train_examples=512, epochs=1, shortcuts="n
     written by the trainer's own writer) and plain.keras, trained with model.fit so BN statistics are
     real."""
     config = ml_collections.ConfigDict({
-        "data": data.default_data_config(),
+        "data": defaults.data_config(),
         "model": {"arch": "resnet8", "width": width, "stem": "", "student_shortcuts": shortcuts,
                   "dirac": dirac},
     })

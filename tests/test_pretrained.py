@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from configs import fashion_mnist
 from rd_keras import architectures, data, export, pretrained, teacher, train_lib
+from rd_keras import defaults
 
 
 def randomise(model, seed=0):
@@ -139,7 +140,7 @@ def test_imagenet_download_failure_says_how_to_work_offline(monkeypatch):
 def test_caffe_and_torch_normalisation_match_keras_applications():
     images = np.random.default_rng(3).integers(0, 256, (2, 8, 8, 3)).astype("uint8")
     for mode in ("caffe", "torch"):
-        cfg = data.default_data_config()
+        cfg = defaults.data_config()
         cfg.normalization = mode
         mean, std, order = data._stats(cfg, 3)
         expected = keras.applications.imagenet_utils.preprocess_input(images.astype("float32"), mode=mode)
@@ -147,7 +148,7 @@ def test_caffe_and_torch_normalisation_match_keras_applications():
     np.testing.assert_allclose(  # the ResNets' own preprocess_input is the caffe mode
         data.normalize(images, *data.CAFFE_STATS, "bgr"),
         keras.applications.resnet.preprocess_input(images.astype("float32")), rtol=1e-5, atol=1e-4)
-    cfg = data.default_data_config()
+    cfg = defaults.data_config()
     cfg.normalization, cfg.mean, cfg.std = "caffe", (0.5,), (0.25,)
     with pytest.raises(ValueError, match=r"apply to normalization='dataset' only.*Received: mean=\(0.5,\)"):
         data.check_config(cfg)

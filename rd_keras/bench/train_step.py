@@ -25,13 +25,14 @@ import time
 
 import numpy as np
 
+from rd_keras import defaults
 from rd_keras.bench import common
 
 KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("off", "on")
-# The trainer's defaults (configs/common.py): SGD with Nesterov momentum and L2 weight decay.
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
+# The trainer's defaults (rd_keras.defaults, as in configs/common.py): SGD with Nesterov momentum and L2 decay.
+LR, MOMENTUM, NESTEROV, WEIGHT_DECAY = defaults.LR, defaults.MOMENTUM, defaults.NESTEROV, defaults.WEIGHT_DECAY
 
 
 def add_arguments(parser):
@@ -79,7 +80,7 @@ def _settings(args):
         "timeout_s": float(common.check_positive(args.timeout_s, "--timeout_s")),
         "hybrid_points": args.hybrid_points,
         "quick": bool(args.quick),
-        "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": True,
+        "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": NESTEROV,
                       "weight_decay": WEIGHT_DECAY},
     }
     if settings["min_runs"] > settings["runs"]:
@@ -90,7 +91,7 @@ def _settings(args):
 def _optimizer(precision):
     import keras
 
-    opt = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM, nesterov=True)
+    opt = keras.optimizers.SGD(learning_rate=LR, momentum=MOMENTUM, nesterov=NESTEROV)
     return keras.optimizers.LossScaleOptimizer(opt) if precision == "mixed_float16" else opt
 
 

@@ -26,13 +26,13 @@ import keras
 import numpy as np
 
 from rd_keras import architectures, data
+from rd_keras import defaults
 from rd_keras import workdir as wd
 from rd_keras.export import folding
 from rd_keras.export.workdir_export import load_workdir
 from rd_keras.workdir import write_atomic
 from rd_keras.export.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
 
-MOMENTUM = 0.9
 # Keras 3 config keys that each supported layer keeps in tf_keras (same names and meaning in both).
 _LAYER_ARGS = {
     "Conv2D": ("filters", "kernel_size", "strides", "padding", "dilation_rate", "groups", "activation",
@@ -94,7 +94,8 @@ def _convert(tf, model, input_shape, io_type):
         return converter.convert()
 
 
-def quantization_aware_tflite(config, model, *, steps, io_type="int8", learning_rate=1e-3, verbose=1):
+def quantization_aware_tflite(config, model, *, steps, io_type=defaults.INT8_IO,
+                              learning_rate=defaults.QAT_LEARNING_RATE, verbose=1):
     """The `.tflite` bytes of `model` (a Keras 3 plain net) after `steps` steps of QAT."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"`steps` must be a positive integer. Received: steps={steps!r}")
@@ -118,7 +119,7 @@ def quantization_aware_tflite(config, model, *, steps, io_type="int8", learning_
     if diff > 1e-4:
         raise RuntimeError(f"The tf_keras rebuild differs from plain.keras by {diff} in probabilities.")
     quantized = tfmot.quantization.keras.quantize_model(float_model)
-    quantized.compile(tf_keras.optimizers.SGD(learning_rate, momentum=MOMENTUM),
+    quantized.compile(tf_keras.optimizers.SGD(learning_rate, momentum=defaults.QAT_MOMENTUM),
                       tf_keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     quantized.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
     return _convert(tf, quantized, input_shape, io_type)
@@ -129,8 +130,8 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True, help="training workdir with config.json, plain.keras")
     parser.add_argument("--steps", type=int, required=True, help="fine-tune steps on the train pipeline")
     parser.add_argument("--output", help="the .tflite path (default W/export/tflite/plain_qat.tflite)")
-    parser.add_argument("--io_type", default="int8", choices=IO_TYPES)
-    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--io_type", default=defaults.INT8_IO, choices=IO_TYPES)
+    parser.add_argument("--learning_rate", type=float, default=defaults.QAT_LEARNING_RATE)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     output = args.output or wd.tflite_path(args.workdir, "qat")

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from rd_keras import architectures, data
+from rd_keras import architectures, data, defaults
 from rd_keras import workdir as wd
 from rd_keras.export import folding, saved_model_export, tflite_export
 
@@ -100,8 +100,9 @@ def _validate(model_name, qat_steps, qat_learning_rate, eval_examples, calibrati
         raise ValueError(f"`int8_io` must be one of {tflite_export.IO_TYPES}. Received: int8_io={int8_io!r}")
 
 
-def parse_options(formats, quantize, *, model_name="plain", qat_steps=0, qat_learning_rate=1e-3,
-                  eval_examples=1000, calibration_examples=256, int8_io="int8"):
+def parse_options(formats, quantize, *, model_name=defaults.MODEL_NAME, qat_steps=0,
+                  qat_learning_rate=defaults.QAT_LEARNING_RATE, eval_examples=defaults.EVAL_EXAMPLES,
+                  calibration_examples=defaults.CALIBRATION_EXAMPLES, int8_io=defaults.INT8_IO):
     """Checks export options before any work (also for training's end-of-run export); returns the
     `formats` and `quantize` selections as tuples."""
     formats = _as_tuple(formats, FORMATS, "formats")
@@ -192,8 +193,9 @@ def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalis
 
 
 def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATIONS, qat_steps=0,
-                   model_name="plain", eval_examples=1000, calibration_examples=256, int8_io="int8",
-                   qat_learning_rate=1e-3, progress=True):
+                   model_name=defaults.MODEL_NAME, eval_examples=defaults.EVAL_EXAMPLES,
+                   calibration_examples=defaults.CALIBRATION_EXAMPLES, int8_io=defaults.INT8_IO,
+                   qat_learning_rate=defaults.QAT_LEARNING_RATE, progress=True):
     """Exports `workdir/plain.keras` as described in the module docstring; returns the report dict.
 
     `formats` and `quantize` take sequences or comma-separated strings ("all" selects everything).
@@ -272,11 +274,14 @@ def main(argv=None):
                         help="comma-separated TFLite variants: none, fp16, dynamic, int8 (default: all)")
     parser.add_argument("--qat_steps", type=int, default=0, help="quantisation-aware fine-tune steps "
                         "(0 = no QAT)")
-    parser.add_argument("--qat_learning_rate", type=float, default=1e-3, help="SGD learning rate of QAT")
-    parser.add_argument("--model_name", default="plain", help="TF Serving model name (directory)")
-    parser.add_argument("--eval_examples", type=int, default=1000, help="evaluation images for the report")
-    parser.add_argument("--calibration_examples", type=int, default=256, help="int8 calibration images")
-    parser.add_argument("--int8_io", default="int8", choices=tflite_export.IO_TYPES,
+    parser.add_argument("--qat_learning_rate", type=float, default=defaults.QAT_LEARNING_RATE,
+                        help="SGD learning rate of QAT")
+    parser.add_argument("--model_name", default=defaults.MODEL_NAME, help="TF Serving model name (directory)")
+    parser.add_argument("--eval_examples", type=int, default=defaults.EVAL_EXAMPLES,
+                        help="evaluation images for the report")
+    parser.add_argument("--calibration_examples", type=int, default=defaults.CALIBRATION_EXAMPLES,
+                        help="int8 calibration images")
+    parser.add_argument("--int8_io", default=defaults.INT8_IO, choices=tflite_export.IO_TYPES,
                         help="input/output type of the full-integer models")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
