@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from rd_keras import architectures, pretrained
 from rd_keras.errors import TeacherError  # noqa: F401
-from rd_keras.workdir import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE
+from rd_keras.workdir import CHECKPOINT_DIR, CONFIG_FILE, RESNET_FILE, saved_model_file
 
 
 
@@ -58,8 +58,9 @@ def resolve(path: str, weights: str = "") -> TeacherSource:
             raise TeacherError(f"config.teacher.path={path!r}: file not found.")
         return TeacherSource("keras", path)
     if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, RESNET_FILE)):
-            return TeacherSource("keras", os.path.join(path, RESNET_FILE))
+        resnet = saved_model_file(path, (RESNET_FILE,))
+        if resnet:
+            return TeacherSource("keras", resnet)
         prefix = tf.train.latest_checkpoint(os.path.join(path, CHECKPOINT_DIR))
         if prefix is None:
             raise TeacherError(f"config.teacher.path={path!r}: a directory with neither {RESNET_FILE} nor "

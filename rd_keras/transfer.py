@@ -34,7 +34,7 @@ import numpy as np
 
 from rd_keras import architectures
 from rd_keras.errors import TransferError  # noqa: F401
-from rd_keras.workdir import PLAIN_FILE, RESNET_FILE
+from rd_keras.workdir import PLAIN_FILE, RESNET_FILE, saved_model_file
 from rd_keras.dirac import DiracConv2D
 
 APPLICATIONS_PREFIX = "keras.applications."
@@ -63,9 +63,9 @@ def resolve(path: str, weights: str = "") -> Source:
         return Source("keras", path)
     if os.path.isdir(path):
         # The plain net is what this project deploys, so it wins when a workdir holds both.
-        for name in (PLAIN_FILE, RESNET_FILE):
-            if os.path.isfile(os.path.join(path, name)):
-                return Source("keras", os.path.join(path, name))
+        found = saved_model_file(path, (PLAIN_FILE, RESNET_FILE))
+        if found:
+            return Source("keras", found)
         raise TransferError(f"config.transfer.from={path!r}: a directory with neither {PLAIN_FILE} nor "
                             f"{RESNET_FILE} (is it a finished run?).")
     raise TransferError(f"config.transfer.from={path!r}: not a .keras file, a workdir, or "

@@ -100,6 +100,15 @@ def bench_run_path(workdir: str) -> str:
     return os.path.join(workdir, BENCH_RUN_FILE)
 
 
+def saved_model_file(workdir: str, names=(PLAIN_FILE, RESNET_FILE)):
+    """The path of the first of `names` that `workdir` holds (a finished run's saved nets), or None."""
+    for name in names:
+        path = os.path.join(workdir, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 # --- the atomic writer ---------------------------------------------------------------------------------
 
 def write_atomic(path: str, payload) -> None:
