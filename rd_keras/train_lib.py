@@ -9,7 +9,7 @@
 - "transfer": fine-tune the trained net named by `transfer.from` on this config's data, with a new head
   (`rd_keras.transfer`); saved as `plain.keras` or `resnet.keras`, as the source net was.
 
-The workdir layout is in `rd_keras.checkpointing`. Rerunning the same command resumes from the newest
+The workdir layout is in `rd_keras.workdir`. Rerunning the same command resumes from the newest
 checkpoint: schedules are functions of the restored global step, so they continue where they stopped, and
 the train stream restarts at the batch that step reached (`data.TrainPasses`), so with
 `train.deterministic=True` an interrupted and resumed run ends with the same weights as an uninterrupted one.

@@ -293,7 +293,7 @@ def progress(iterable, desc):
 
 
 def convert_tflite(folded, shape, quantize):
-    """`.tflite` bytes of a folded classifier via `rd_keras.tflite_export.convert` ("none" or "int8")."""
+    """`.tflite` bytes of a folded classifier via `rd_keras.export.tflite_export.convert` ("none" or "int8")."""
     from rd_keras.export import tflite_export
 
     calibration = None

@@ -1,12 +1,12 @@
 """`bench inference`: latency and throughput of ResNets and their plain twins, on every deployment runtime.
 
 For each pair (ResNet, plain twin; random weights: speed does not depend on their values) the
-classifier is BN-folded (`rd_keras.folding.fold`) and then run four ways:
+classifier is BN-folded (`rd_keras.export.folding.fold`) and then run four ways:
 
 - `keras`: the folded Keras model called through a `tf.function` in inference mode (TF's own threads);
-- `saved_model`: the exported SavedModel (`rd_keras.saved_model_export.build_archive`), reloaded with
+- `saved_model`: the exported SavedModel (`rd_keras.export.saved_model_export.build_archive`), reloaded with
   `tf.saved_model.load`, signature `predict_preprocessed` (float32 normalised input, softmax output);
-- `tflite_fp32`, `tflite_int8`: `.tflite` files from `rd_keras.tflite_export.convert` (int8 calibrated on
+- `tflite_fp32`, `tflite_int8`: `.tflite` files from `rd_keras.export.tflite_export.convert` (int8 calibrated on
   random normal images, which sets scales, not speed), run by the LiteRT `Interpreter` with its default
   XNNPACK delegate, with each of `--threads`.
 

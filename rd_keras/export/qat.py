@@ -8,11 +8,11 @@
 tf_keras for the whole process on import, so it must never run inside a Keras 3 process that goes on to
 train or export.
 
-How: load `plain.keras` with Keras 3 and fold BN/Dirac into the convs (`rd_keras.folding`); rebuild the
+How: load `plain.keras` with Keras 3 and fold BN/Dirac into the convs (`rd_keras.export.folding`); rebuild the
 folded graph layer by layer in tf_keras (same names, same weights, checked to give the same logits) with a
 final softmax; `quantize_model` with tfmot's default 8-bit scheme (Conv+ReLU, Add+ReLU and Dense patterns
 all quantise cleanly without BN); fine-tune N steps on the training pipeline with SGD at a small learning
-rate; convert. The result has the `.tflite` contract of `rd_keras.tflite_export` for `int8`: signature
+rate; convert. The result has the `.tflite` contract of `rd_keras.export.tflite_export` for `int8`: signature
 `serving_default`, int8 (or uint8) normalised `images`, quantised `probabilities`.
 """
 

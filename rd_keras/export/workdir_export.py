@@ -4,11 +4,11 @@
         [--quantize=none,fp16,dynamic,int8] [--qat_steps=N] [--model_name=plain] [--eval_examples=1000]
 
 reads `W/config.json` and `W/plain.keras`, folds BatchNormalization and Dirac convs into plain convs
-(`rd_keras.folding`), and writes under `W/export/`:
+(`rd_keras.export.folding`), and writes under `W/export/`:
 
-- `saved_model/<model_name>/<version>/`: a new TF Serving version (`rd_keras.saved_model_export`),
+- `saved_model/<model_name>/<version>/`: a new TF Serving version (`rd_keras.export.saved_model_export`),
 - `tflite/plain_<quant>.tflite` for each requested quantisation, `plain_qat.tflite` when `--qat_steps > 0`
-  (`rd_keras.tflite_export`, `rd_keras.qat`),
+  (`rd_keras.export.tflite_export`, `rd_keras.export.qat`),
 - `report.json`: for the Keras model and every artefact, accuracy on the same evaluation images, top-1
   agreement with the Keras model, the largest probability difference, size and input contract.
 
