@@ -35,7 +35,7 @@ EXPORT_DIR = "export"
 SAVED_MODEL_DIR = "saved_model"  # under EXPORT_DIR: <model_name>/<version>/
 TFLITE_DIR = "tflite"  # under EXPORT_DIR
 REPORT_FILE = "report.json"  # under EXPORT_DIR
-BENCH_RUN_FILE = "bench_run.json"
+BENCH_RUN_FILE = "bench_run.json"  # `bench accuracy` marks a finished run with it (its DONE_FILE)
 # Top-level sections of config.json that are derived from the config, not part of it.
 DERIVED_SECTIONS = ("dataset", "run")
 # Keys a rerun may change without starting a new workdir: they affect bookkeeping or speed, not results.
@@ -94,10 +94,6 @@ def tflite_path(workdir: str, quantize: str) -> str:
 
 def report_path(workdir: str) -> str:
     return os.path.join(workdir, EXPORT_DIR, REPORT_FILE)
-
-
-def bench_run_path(workdir: str) -> str:
-    return os.path.join(workdir, BENCH_RUN_FILE)
 
 
 def saved_model_file(workdir: str, names=(PLAIN_FILE, RESNET_FILE)):

@@ -177,9 +177,3 @@ def _rebuild(model, name, fold_layers):
     outputs = keras.tree.map_structure(lambda t: values[id(t)], model.output)
     inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
     return keras.Model(inputs, outputs, name=name or model.name)
-
-
-def has_unfolded_layers(model):
-    """Names of the BatchNormalization and DiracConv2D layers left in `model` (empty when fully folded)."""
-    return [layer.name for layer in model.layers
-            if isinstance(layer, (keras.layers.BatchNormalization, DiracConv2D))]

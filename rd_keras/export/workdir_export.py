@@ -138,9 +138,9 @@ def _dir_size(path):
                for root, _, names in os.walk(path) for name in names)
 
 
-def _export_saved_model(folded, export_dir, model_name, info, images, labels, reference, progress):
+def _export_saved_model(folded, workdir, model_name, info, images, labels, reference, progress):
     version, path = saved_model_export.export_version(
-        folded, os.path.join(export_dir, "saved_model", model_name), image_shape=info.image_shape,
+        folded, wd.saved_model_dir(workdir, model_name), image_shape=info.image_shape,
         mean=info.mean, std=info.std, channel_order=info.channel_order, warmup_images=images,
         model_name=model_name)
     serve = tf.saved_model.load(path).signatures["serving_default"]
@@ -166,7 +166,7 @@ def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
         raise RuntimeError(f"QAT failed (exit code {result.returncode}): {' '.join(command)}")
 
 
-def _export_tflite(folded, config, workdir, export_dir, quantize, info, normalised, labels, reference, *,
+def _export_tflite(folded, config, workdir, quantize, info, normalised, labels, reference, *,
                    calibration_examples, int8_io, qat_steps, qat_learning_rate, progress):
     os.makedirs(wd.tflite_dir(workdir), exist_ok=True)
     calibration = None
@@ -220,18 +220,17 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         raise RuntimeError(f"Folded model differs from {wd.PLAIN_FILE} by {fold_diff} in the logits.")
     reference = tf.nn.softmax(logits).numpy()
 
-    export_dir = wd.export_dir(workdir)
     artefacts = {"keras": {"path": wd.plain_path(workdir),
                            "size_bytes": os.path.getsize(wd.plain_path(workdir)),
                            "input": {"dtype": "float32", "shape": [-1, *info.image_shape],
                                      "normalised": True},
                            **_compare(reference, labels, reference)}}
     if "saved_model" in formats:
-        artefacts["saved_model"] = _export_saved_model(folded, export_dir, model_name, info, images,
+        artefacts["saved_model"] = _export_saved_model(folded, workdir, model_name, info, images,
                                                        labels, reference, progress)
     if "tflite" in formats:
         artefacts.update(_export_tflite(
-            folded, config, workdir, export_dir, quantize, info, normalised, labels, reference,
+            folded, config, workdir, quantize, info, normalised, labels, reference,
             calibration_examples=calibration_examples, int8_io=int8_io, qat_steps=qat_steps,
             qat_learning_rate=qat_learning_rate, progress=progress))
     report = {
@@ -245,7 +244,6 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
                  "layers": len(folded.layers), "unfolded_params": int(classifier.count_params())},
         "artefacts": artefacts,
     }
-    os.makedirs(export_dir, exist_ok=True)
     write_atomic(wd.report_path(workdir), json.dumps(report, indent=2).encode())
     return report
 
