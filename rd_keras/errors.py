@@ -3,8 +3,15 @@ and prints one `error: <message>` line instead of a traceback. Each subclass als
 it replaced (ValueError, FloatingPointError), so `except ValueError` keeps working.
 
 Message style: name the key, flag or path and the offending value (`config.x=...`, `--flag=...`,
-`path: problem`), then say what would work.
+`path: problem`), then say what would work. Every command line prints such an error as one line
+`error: <message>` on stderr, without a traceback: `train.py` (exit status 1), and through
+`exit_with_error` `python -m rd_keras.bench` and `python -m rd_keras.export` (exit status 2, argparse's).
 """
+
+
+def exit_with_error(parser, error):
+    """Ends an argparse command line on a bad argument value: `error: <message>`, exit status 2."""
+    parser.exit(2, f"error: {error}\n")
 
 
 class RDError(Exception):

@@ -61,13 +61,13 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    from rd_keras.bench.common import FlagError
+    from rd_keras.errors import FlagError, exit_with_error
 
     try:
         _module(args.command).run(args)
     except FlagError as e:
         # Bad flag values: one line naming the value, not a traceback.
-        parser.exit(2, f"error: {e}\n")
+        exit_with_error(parser, e)
     return 0
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from rd_keras import architectures, data
 from rd_keras import defaults
 from rd_keras import workdir as wd
+from rd_keras.errors import exit_with_error
 from rd_keras.export import folding
 from rd_keras.export.workdir_export import load_workdir
 from rd_keras.workdir import write_atomic
@@ -140,7 +141,7 @@ def main(argv=None):
         payload = quantization_aware_tflite(config, model, steps=args.steps, io_type=args.io_type,
                                             learning_rate=args.learning_rate, verbose=0 if args.quiet else 1)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        exit_with_error(parser, e)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_atomic(output, payload)
     print(f"QAT model ({len(payload)} bytes): {output}")

@@ -33,6 +33,7 @@ import tqdm
 
 from rd_keras import architectures, data, defaults
 from rd_keras import workdir as wd
+from rd_keras.errors import exit_with_error
 from rd_keras.export import folding, saved_model_export, tflite_export
 
 FORMATS = ("saved_model", "tflite")
@@ -290,7 +291,7 @@ def main(argv=None):
             calibration_examples=args.calibration_examples, int8_io=args.int8_io,
             qat_learning_rate=args.qat_learning_rate, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
-        parser.error(str(e))
+        exit_with_error(parser, e)
     print(format_table(report))
     print(f"\nreport: {wd.report_path(args.workdir)}")
 
