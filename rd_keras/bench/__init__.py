@@ -5,4 +5,6 @@ module of this package with `add_arguments(parser)` and `run(args)`. `liveness` 
 model (liveness walk, TFLite arena, peak RSS). Importing this package does not import TensorFlow.
 """
 
-from rd_keras.bench.cli import COMMANDS, main, parser_for  # noqa: F401
+from rd_keras.bench.cli import COMMANDS, main, parser_for
+
+__all__ = ["COMMANDS", "main", "parser_for"]
