@@ -119,7 +119,7 @@ def test_accuracy_plan_same_budget_for_every_run(tmp_path):
 
 def test_accuracy_plan_variants_and_seeds(tmp_path):
     parser = bench.parser_for(["accuracy"])
-    args = parser.parse_args(["accuracy", "--epochs=2", "--depths=20", "--runs=resnet,plain", "--seeds=0,1",
+    args = parser.parse_args(["accuracy", "--epochs=2", "--depths=20", "--runs=resnet,plain,rd_joint@1", "--seeds=0,1",
                               "--validation_split=0.1", f"--out={tmp_path}",
                               "--variant=every3:distill.hybrid_points=3,6,distill.normalize=True",
                               "--variant=plain_dirac:run=plain,model.dirac=True",
@@ -129,7 +129,9 @@ def test_accuracy_plan_variants_and_seeds(tmp_path):
     names = [r["name"] for r in runs]
     # Seed 0 is the config's own: its runs keep their names and commands (and are reused); seed 1 is new.
     expected = [f"d20_{k}{s}" for s in ("", "_s1") for k in ("resnet", "plain", "every3", "plain_dirac", "pre")]
-    assert names == expected[:5] + expected[5:] + ["d20_once_s1"]  # `once` runs its own seed only
+    # `once` and rd_joint@1 run their own seed only.
+    assert names == expected[:5] + ["d20_resnet_s1", "d20_plain_s1", "d20_rd_joint_s1"] + expected[7:] + [
+        "d20_once_s1"]
     by_name = {r["name"]: dict(a[2:].split("=", 1) for a in r["command"][2:]) for r in runs}
     every3 = by_name["d20_every3_s1"]
     assert every3["config.distill.hybrid_points"] == "3,6" and every3["config.distill.normalize"] == "True"

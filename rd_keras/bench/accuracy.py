@@ -47,7 +47,8 @@ def add_arguments(parser):
     parser.add_argument("--config", default="configs/fashion_mnist.py",
                         help="trainer config, path[:variant] (default: %(default)s, offline IDX Fashion-MNIST)")
     parser.add_argument("--depths", default="56,20", help="CIFAR-style depths 6n+2 (default: %(default)s)")
-    parser.add_argument("--runs", default=",".join(RUNS), help="subset of %(default)s")
+    parser.add_argument("--runs", default=",".join(RUNS),
+                        help="subset of %(default)s; KIND@S runs KIND with seed S only (default: all)")
     parser.add_argument("--epochs", type=int, default=None, help="default: the config's (full budget)")
     parser.add_argument("--width", type=float, default=None, help="default: the config's")
     parser.add_argument("--train_subset", type=int, default=None,
@@ -113,7 +114,13 @@ def plan(args):
     for depth in depths:
         if (depth - 2) % 6:
             raise common.FlagError(f"--depths: {depth} is not 6n+2 (8, 14, 20, 26, ...); got {args.depths!r}.")
-    kinds = common.parse_choices(args.runs, "--runs", RUNS)
+    # `KIND@S` runs KIND with seed S only (one seed of a run that others repeat over --seeds).
+    own_seeds = {}
+    for item in str(args.runs).split(","):
+        kind, at, seed = item.strip().partition("@")
+        if at:
+            own_seeds[kind] = common.parse_ints(seed, f"--runs={args.runs!r}: {kind}@", minimum=0)
+    kinds = common.parse_choices(",".join(k.split("@")[0] for k in str(args.runs).split(",")), "--runs", RUNS)
     if "rd_pretrained" in kinds and "resnet" not in kinds:
         raise common.FlagError(f"--runs={args.runs!r}: rd_pretrained needs the resnet run as its teacher.")
     epochs = config.train.epochs if args.epochs is None else args.epochs
@@ -152,7 +159,8 @@ def plan(args):
         "rd_joint": {"train.mode": "distill", "teacher.mode": "joint"},
         "rd_pretrained": {"train.mode": "distill", "teacher.mode": "pretrained"},
     }
-    entries = [(kind, kind, {}) for kind in RUNS if kind in kinds] + variants
+    entries = [(kind, kind, {"seeds": own_seeds[kind]} if kind in own_seeds else {}) for kind in RUNS
+               if kind in kinds] + variants
     runs = []
     for depth in depths:
         for seed in seeds:
