@@ -38,7 +38,9 @@ def _summary(payload):
     return aggregate(payload["results"])
 
 
-def section(payload, img):
+def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.png"):
+    """The markdown section of one accuracy study; `curves` and `grad_norms` name its plots in `img` (None:
+    no gradient-norm plot)."""
     b = payload["budget"]
     validated = bool(b.get("validation_split"))
     summary = sorted(_summary(payload), key=lambda r: -r["depth"])
@@ -56,8 +58,9 @@ def section(payload, img):
     held_out = (f" {b['validation_split']:.2%} of them held out as the validation split (the learning curves "
                 "and every choice between variants use it; the test split is evaluated once, at the end of "
                 "each run)" if validated else "")
+    depths = ", ".join(str(d) for d in sorted({r["depth"] for r in summary}, reverse=True))
     parts = [
-        "## Accuracy: can RD make a plain net match its ResNet?",
+        f"## Accuracy at depth {depths}: can RD make a plain net match its ResNet?",
         provenance(payload),
         f"Budget: {b['epochs']} epochs on {subset} training images{held_out}, width {b['width']}, batch "
         f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
@@ -76,9 +79,9 @@ def section(payload, img):
     parts += ["Every run:", md_table(runs, ["depth", "run", "seed", "val acc %", "test acc %",
                                              "teacher test acc %", "final train CE", "wall min"]),
               "\n".join(f"- {v}" for v in verdicts(summary)),
-              f"![learning curves]({img}/accuracy_curves.png)"]
-    if any(any(k.startswith("grad_norm/") for k in r.get("train_curves", {})) for r in payload["results"]):
-        parts.append(f"![gradient norms per stage]({img}/grad_norms.png)")
+              f"![learning curves]({img}/{curves})"]
+    if grad_norms:
+        parts.append(f"![gradient norms per stage]({img}/{grad_norms})")
     return "\n\n".join(parts)
 
 

@@ -28,13 +28,25 @@ def add_arguments(parser):
 
 
 def load(results_dir):
+    """{command: payload} for the FILES present, plus every further accuracy study `accuracy_<name>.json`
+    under the key `accuracy_<name>`."""
     found = {}
-    for command, name in FILES.items():
+    names = dict(FILES)
+    if os.path.isdir(results_dir):
+        names.update({f[:-5]: f for f in sorted(os.listdir(results_dir))
+                      if f.startswith("accuracy_") and f.endswith(".json")})
+    for command, name in names.items():
         path = os.path.join(results_dir, name)
         if os.path.isfile(path):
             with open(path) as f:
                 found[command] = json.load(f)
     return found
+
+
+def accuracy_studies(found):
+    """The accuracy payloads, main study first: [(key, payload)]."""
+    return sorted(((k, v) for k, v in found.items() if k == "accuracy" or k.startswith("accuracy_")),
+                  key=lambda kv: (kv[0] != "accuracy", kv[0]))
 
 
 # ----------------------------------------------------------------------------- sections
@@ -123,8 +135,8 @@ def train_step_section(payload):
 def claims_section(found):
     """The paper's three numbers next to ours, taken from the largest measured pair."""
     rows = []
-    if "accuracy" in found:
-        rows += accuracy_report.claim_rows(found["accuracy"])
+    for _, payload in accuracy_studies(found):
+        rows += accuracy_report.claim_rows(payload)
     if "inference" in found:
         for r in found["inference"]["results"]:
             if r["resnet"] != "resnet50":
@@ -232,10 +244,12 @@ def run(args):
     claims = claims_section(found)
     if claims:
         sections.append(claims)
-    if "accuracy" in found:
-        accuracy_report.plot_curves(found["accuracy"], os.path.join(args.img_dir, "accuracy_curves.png"))
-        accuracy_report.plot_grad_norms(found["accuracy"], os.path.join(args.img_dir, "grad_norms.png"))
-        sections.append(accuracy_report.section(found["accuracy"], img))
+    for key, payload in accuracy_studies(found):
+        curves = f"{key}_curves.png"
+        accuracy_report.plot_curves(payload, os.path.join(args.img_dir, curves))
+        norms = f"{key}_grad_norms.png" if key != "accuracy" else "grad_norms.png"
+        norms = norms if accuracy_report.plot_grad_norms(payload, os.path.join(args.img_dir, norms)) else None
+        sections.append(accuracy_report.section(payload, img, curves=curves, grad_norms=norms))
     if "inference" in found:
         plot_inference(found["inference"], os.path.join(args.img_dir, "inference.png"))
         sections.append(inference_section(found["inference"], img))
