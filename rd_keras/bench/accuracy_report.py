@@ -183,6 +183,11 @@ def plot_grad_norms(payload, path):
     for r in sorted(results, key=lambda r: r.get("seed", 0)):
         if r["depth"] == depth:
             chosen.setdefault(r["kind"], r)
+    # The supervised baselines, the standard RD run and the best other run by validation (else test) accuracy.
+    others = [r for k, r in chosen.items() if k not in RUN_LABELS]
+    key = "val_acc" if all(r.get("val_acc") is not None for r in others) else "test_acc"
+    best = max(others, key=lambda r: r[key]) if others else None
+    chosen = {k: r for k, r in chosen.items() if k in RUN_LABELS or r is best}
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False, sharey=True)
     for ax, (kind, r) in zip(axes[0], chosen.items()):
         t = r["train_curves"]
