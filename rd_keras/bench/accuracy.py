@@ -37,9 +37,10 @@ import sys
 import time
 
 from rd_keras.bench import common
+from rd_keras import workdir as wd
 
 RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained")
-DONE_FILE = "bench_run.json"  # written into a workdir when its run finished, with the wall time
+DONE_FILE = wd.BENCH_RUN_FILE  # written into a workdir when its run finished, with the wall time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -261,8 +262,7 @@ def _schedule(pending, active, done, failed, parallel, bar):
             log.close()
             record = {"returncode": proc.returncode, "wall_s": time.perf_counter() - start,
                       "command": " ".join(run["command"]), "parallel": parallel}
-            with open(os.path.join(run["workdir"], DONE_FILE), "w") as f:
-                json.dump(record, f, indent=1)
+            wd.write_atomic(os.path.join(run["workdir"], DONE_FILE), json.dumps(record, indent=1))
             del active[name]
             bar.update(1)
             if proc.returncode == 0:
@@ -277,7 +277,7 @@ def _schedule(pending, active, done, failed, parallel, bar):
 
 
 def read_metrics(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
+    path = wd.metrics_path(workdir)
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
@@ -288,7 +288,7 @@ def read_train_scalars(workdir):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
 
-    events = event_accumulator.EventAccumulator(os.path.join(workdir, "tensorboard", "train"),
+    events = event_accumulator.EventAccumulator(wd.tensorboard_dir(workdir, "train"),
                                                 size_guidance={event_accumulator.TENSORS: 0})
     events.Reload()
     by_step = {}
