@@ -164,7 +164,10 @@ def stage_of(variable) -> str:
 
 def is_diagnostic_step(step, every):
     """Whether the step numbered `step` (before its increment) computes gradient norms: the last step
-    before each log point, so that every logged interval carries exactly one measurement."""
+    before each log point, so that every logged interval carries exactly one measurement. `step` may be a
+    Python int (the loop) or the step variable (inside the train step)."""
+    if tf.is_tensor(step) or isinstance(step, tf.Variable):
+        return tf.equal((step + 1) % every, 0)
     return (step + 1) % every == 0
 
 
@@ -239,8 +242,7 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     def replica_step(images, labels):
         ctx = tf.distribute.get_replica_context()
         before = [tf.identity(v) for v in state_variables] if nan_skip else None
-        diagnose = (tf.constant(False) if grad_norms is None
-                    else tf.equal((step + 1) % grad_norms.every, 0))
+        diagnose = tf.constant(False) if grad_norms is None else is_diagnostic_step(step, grad_norms.every)
         terms, grads, norms = forward_backward(images, labels, diagnose)
 
         def apply(grads):
