@@ -367,6 +367,6 @@ def test_no_serving_package_and_tfmot_only_lazily_in_qat(module):
     top_level = set(_imports(ast.Module(
         body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])))
     every = set(_imports(tree))
-    assert not any(name == "serving" or name.startswith("serving.") for name in every)
+    assert not any(name == "rd_keras_serving" or name.startswith("rd_keras_serving.") for name in every)
     assert "tensorflow_model_optimization" not in top_level
     assert ("tensorflow_model_optimization" in every) == (module == "qat")

@@ -28,8 +28,8 @@ from hypothesis import strategies as st
 from configs import fashion_mnist
 from rd_keras import data, loop, teacher, train_lib
 from rd_keras import workdir as wd
-from serving import json_codec
-from serving.registry import RequestError
+from rd_keras_serving import json_codec
+from rd_keras_serving.registry import RequestError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # No network and no GPU for the child processes (tfds would otherwise retry the network for minutes).

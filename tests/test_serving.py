@@ -1,4 +1,4 @@
-"""serving/: the TF Serving-compatible dev server, both clients, the warm-up file and the REST codec.
+"""rd_keras_serving/: the TF Serving-compatible dev server, both clients, the warm-up file and the REST codec.
 
 A tiny conv net is exported exactly in the export contract (docs/design.md, "Export") and served over
 loopback; every prediction is compared with the Keras model called directly.
@@ -32,9 +32,9 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from serving import dev_server, grpc_client, json_codec, rest_client, warmup
-from serving.client_common import ServingError
-from serving.registry import RequestError
+from rd_keras_serving import dev_server, grpc_client, json_codec, rest_client, warmup
+from rd_keras_serving.client_common import ServingError
+from rd_keras_serving.registry import RequestError
 
 SHAPE = (8, 8, 1)
 CLASSES = 5

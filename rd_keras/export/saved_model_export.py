@@ -67,7 +67,7 @@ def build_archive(folded, image_shape, mean, std, channel_order="rgb"):
 
 def write_warmup(version_dir, images, model_name):
     """TF Serving warm-up records: PredictionLogs of `serving_default` requests on real images."""
-    # tensorflow_serving.apis is the pip package's protos, not this repository's serving/ code.
+    # tensorflow_serving.apis is the pip package's protos, not this repository's rd_keras_serving/ code.
     from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
     path = os.path.join(version_dir, WARMUP_FILE)

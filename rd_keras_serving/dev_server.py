@@ -5,11 +5,11 @@ It speaks the same protocols as TF Serving, so the clients and any other TF Serv
         tensorflow.serving.ModelService/GetModelStatus
   REST  POST /v1/models/<name>[/versions/<v>]:predict   GET /v1/models/<name>[/versions/<v>][/metadata]
 It serves the highest integer version under each model's base path and picks up new versions while running
-(see serving/registry.py). Bad requests get INVALID_ARGUMENT (HTTP 400), unknown models or versions
+(see rd_keras_serving/registry.py). Bad requests get INVALID_ARGUMENT (HTTP 400), unknown models or versions
 NOT_FOUND (HTTP 404); the server itself never goes down for a request.
 
-    python -m serving.dev_server --model_base_path=W/export/saved_model/plain --model_name=plain
-    python -m serving.dev_server --model_config_file=my_models.config --port=8500 --rest_api_port=8501
+    python -m rd_keras_serving.dev_server --model_base_path=W/export/saved_model/plain --model_name=plain
+    python -m rd_keras_serving.dev_server --model_config_file=my_models.config --port=8500 --rest_api_port=8501
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving import json_codec
-from serving.registry import (
+from rd_keras_serving import json_codec
+from rd_keras_serving.registry import (
     ModelRegistry,
     RequestError,
     ServedVersion,
@@ -374,10 +374,10 @@ class DevServer:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.dev_server",
+        prog="python -m rd_keras_serving.dev_server",
         description="TF Serving-compatible development server (gRPC Predict/GetModelMetadata/GetModelStatus "
         "and REST). "
-        "For development and tests; production uses tensorflow_model_server, see serving/README.md.",
+        "For development and tests; production uses tensorflow_model_server, see rd_keras_serving/README.md.",
     )
     parser.add_argument("--model_base_path", help="directory holding integer version subdirectories")
     parser.add_argument("--model_name", default="default", help="name of the model at --model_base_path")

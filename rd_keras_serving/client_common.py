@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from serving import inputs
+from rd_keras_serving import inputs
 
 
 class ServingError(RuntimeError):
@@ -149,9 +149,9 @@ def main(argv: Sequence[str] | None, client_class: Callable, protocol: str, defa
     """Classify images with a served model and print one line (or one JSON object) per image, or (--status)
     print the model's version states."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m serving.{protocol.lower()}_client",
-        description=f"Classify images with a model served by TF Serving (or serving.dev_server) over {protocol}, "
-        "or report the state of its versions (--status).",
+        prog=f"python -m rd_keras_serving.{protocol.lower()}_client",
+        description=f"Classify images with a model served by TF Serving (or rd_keras_serving.dev_server) over "
+        f"{protocol}, or report the state of its versions (--status).",
     )
     parser.add_argument("--server", type=parse_server, default=parse_server(default_server),
                         help=f"HOST:PORT of the {protocol} endpoint (default {default_server})")

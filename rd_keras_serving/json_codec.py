@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import numpy as np
 import tensorflow as tf
 
-from serving.registry import check_keys, invalid
+from rd_keras_serving.registry import check_keys, invalid
 
 # numpy's limit on dimensions; deeper nesting is refused before recursing into it (a request must never
 # exhaust the interpreter's stack, which would make it an internal error instead of a bad request).

@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import error_codes_pb2, meta_graph_pb2, saved_model_pb2
 
-from serving import warmup
+from rd_keras_serving import warmup
 
 log = logging.getLogger(__name__)
 

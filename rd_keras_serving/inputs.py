@@ -1,6 +1,6 @@
 """Client inputs: a folder of images or an IDX file -> uint8 [N, H, W, C] at the model's input size.
 
-Kept local to serving/ so the clients need neither the training stack nor TensorFlow's data pipeline.
+Kept local to rd_keras_serving/ so the clients need neither the training stack nor TensorFlow's data pipeline.
 """
 
 from __future__ import annotations

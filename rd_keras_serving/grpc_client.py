@@ -1,13 +1,14 @@
-"""gRPC client for TF Serving's PredictionService and ModelService (tensorflow_model_server or serving.dev_server).
+"""gRPC client for TF Serving's PredictionService and ModelService (tensorflow_model_server or the dev server,
+rd_keras_serving.dev_server).
 
-    from serving import grpc_client
+    from rd_keras_serving import grpc_client
     outputs = grpc_client.predict(images_uint8, "127.0.0.1", 8500, "plain")
     outputs["classes"], outputs["probabilities"]
     grpc_client.status("127.0.0.1", 8500, "plain")  # [{"version": 1, "state": "AVAILABLE", ...}]
 
-    python -m serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --idx=t10k-images-idx3-ubyte.gz \
+    python -m rd_keras_serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --idx=t10k-images-idx3-ubyte.gz \
         --limit=100 [--batch_size=64] [--json]
-    python -m serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --status [--version=N] [--json]
+    python -m rd_keras_serving.grpc_client --server=127.0.0.1:8500 --model_name=plain --status [--version=N] [--json]
 
 Failures raise `ServingError` naming host:port: UNAVAILABLE when nothing answers there, the server's own
 detail (e.g. INVALID_ARGUMENT: wrong shape) when the request is refused.
@@ -31,8 +32,8 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from serving import client_common
-from serving.client_common import ServingError
+from rd_keras_serving import client_common
+from rd_keras_serving.client_common import ServingError
 
 # TF Serving accepts up to INT_MAX bytes; the client must allow as much for large batches of outputs.
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]

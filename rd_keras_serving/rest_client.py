@@ -1,12 +1,12 @@
 """REST client for TF Serving's `:predict`, metadata and model status API (tensorflow_model_server or
-serving.dev_server); urllib only.
+rd_keras_serving.dev_server); urllib only.
 
-    from serving import rest_client
+    from rd_keras_serving import rest_client
     outputs = rest_client.predict(images_uint8, "127.0.0.1", 8501, "plain")
     rest_client.status("127.0.0.1", 8501, "plain")  # [{"version": 1, "state": "AVAILABLE", ...}]
 
-    python -m serving.rest_client --server=127.0.0.1:8501 --model_name=plain --images_dir=some/pngs [--json]
-    python -m serving.rest_client --server=127.0.0.1:8501 --model_name=plain --status [--version=N] [--json]
+    python -m rd_keras_serving.rest_client --server=127.0.0.1:8501 --model_name=plain --images_dir=some/pngs [--json]
+    python -m rd_keras_serving.rest_client --server=127.0.0.1:8501 --model_name=plain --status [--version=N] [--json]
 
 Requests use the row format ({"instances": [...]}); outputs come back as numpy arrays with the dtypes JSON
 can carry (float64 for float outputs, int64 for integer ones). Failures raise `ServingError` naming
@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from serving import client_common
-from serving.client_common import ServingError
+from rd_keras_serving import client_common
+from rd_keras_serving.client_common import ServingError
 
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 500: "INTERNAL", 503: "UNAVAILABLE"}
 

@@ -11,5 +11,5 @@ Modules (nothing in `rd_keras` imports this package):
                  shared by both clients
   inputs         image folder / IDX file -> uint8 batches at the model's input size
   warmup         `write_warmup_requests` for assets.extra/tf_serving_warmup_requests
-Production serving uses tensorflow_model_server; see serving/README.md.
+Production serving uses tensorflow_model_server; see rd_keras_serving/README.md.
 """
