@@ -1,4 +1,4 @@
-# One-command set-up, tests and demo. Everything runs inside .venv built from requirements.txt.
+# One-command set-up, tests and demo. Everything runs inside .venv built from requirements.txt and this project.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,10 +11,13 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The pinned requirements, then this project itself, editable (rd_keras, rd_keras_serving and the
+# rd-keras-* commands; tests import it from there), built offline by the pinned setuptools.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # Fashion-MNIST IDX files from Debian's dataset-fashion-mnist package (works offline from a Debian mirror).

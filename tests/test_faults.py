@@ -25,7 +25,7 @@ import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs import fashion_mnist
+from rd_keras.configs import fashion_mnist
 from rd_keras import data, loop, teacher, train_lib
 from rd_keras import workdir as wd
 from rd_keras_serving import json_codec

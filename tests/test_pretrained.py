@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import fashion_mnist
+from rd_keras.configs import fashion_mnist
 from rd_keras import architectures, data, export, pretrained, teacher, train_lib
 from rd_keras import defaults
 

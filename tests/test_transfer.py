@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from configs import fashion_mnist
+from rd_keras.configs import fashion_mnist
 from rd_keras import architectures, data, train_lib, transfer
 from rd_keras import workdir as wd
 
@@ -152,7 +152,7 @@ def sources(tmp_path_factory):
 
 
 def transfer_config(source, folder, **overrides):
-    from configs import transfer as transfer_config_file
+    from rd_keras.configs import transfer as transfer_config_file
 
     config = transfer_config_file.get_config("smoke")
     config.transfer["from"] = str(source)
