@@ -3,7 +3,11 @@
 RD objective of the plain (student) net, per global batch:
 
     total = CE(y, plain) + m(t) * sum_i [CE(y, hybrid_i) + kd_alpha * T^2 * KL(p_teacher^T || p_hybrid_i^T)]
-            + weight decay of the plain net
+            + logit_kd_alpha * T^2 * KL(p_teacher^T || p_plain^T) + weight decay of the plain net
+
+The `logit_kd_alpha` term is ordinary knowledge distillation (Hinton et al.) on the plain net's own logits,
+at full weight all along; with no hybrid paths (`distill.hybrid_points=none`) it is the KD baseline that RD
+is measured against, run by the same trainer.
 
 With `normalize` the cross-entropy part is divided by the number of paths (hybrid paths + the plain one), as
 the paper's official code averages its losses; weight decay is not divided.
@@ -37,15 +41,16 @@ class LossConfig:
     weight_decay: float = 0.0
     temperature: float = 4.0
     kd_alpha: float = 0.0
+    logit_kd_alpha: float = 0.0
     normalize: bool = False
 
     def __post_init__(self):
         if self.global_batch_size is not None and (not isinstance(self.global_batch_size, int)
                                                    or self.global_batch_size < 1):
             raise ValueError(f"global_batch_size must be a positive int or None, got {self.global_batch_size!r}.")
-        if self.weight_decay < 0 or self.kd_alpha < 0:
-            raise ValueError(f"weight_decay and kd_alpha must be >= 0, got {self.weight_decay!r} and "
-                             f"{self.kd_alpha!r}.")
+        for name in ("weight_decay", "kd_alpha", "logit_kd_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
 
@@ -105,7 +110,9 @@ def supervised_losses(model, images, labels, cfg: LossConfig):
 def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, joint: bool):
     """Terms of an RD step: `total` is the plain net's objective, `teacher_total` (joint mode) the teacher's.
 
-    `paths` is a `hybrid.HybridPaths`; hybrid path i gives `hybrid_ce_{i}` and, when kd_alpha > 0, `kd_{i}`.
+    `paths` is a `hybrid.HybridPaths` (possibly with no path); hybrid path i gives `hybrid_ce_{i}` and, when
+    kd_alpha > 0, `kd_{i}`; logit_kd_alpha > 0 gives `logit_kd`. With normalize, the KD term on the plain
+    logits is not divided: it is not a path's cross-entropy.
     """
     def mean(per_example):
         return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
@@ -115,7 +122,7 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
              "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(paths.taps, cfg.weight_decay)),
              "train_acc": mean(_accuracy(labels, out["logits"]))}
     soft_targets = None
-    if cfg.kd_alpha > 0:
+    if (cfg.kd_alpha > 0 and paths.points) or cfg.logit_kd_alpha > 0:
         soft_targets = tf.stop_gradient(teacher(images, training=False)["logits"])
     hybrid_sum = tf.constant(0.0)
     for i, logits in enumerate(paths.logits(out), start=1):
@@ -126,6 +133,9 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
             hybrid_sum += cfg.kd_alpha * terms[f"kd_{i}"]
     scale = 1.0 / (len(paths.points) + 1) if cfg.normalize else 1.0
     terms["total"] = scale * (terms["plain_ce"] + blend * hybrid_sum) + terms["weight_decay"]
+    if cfg.logit_kd_alpha > 0:
+        terms["logit_kd"] = mean(kd_loss(soft_targets, out["logits"], cfg.temperature))
+        terms["total"] += cfg.logit_kd_alpha * terms["logit_kd"]
     if joint:
         teacher_logits = teacher(images, training=True)["logits"]
         terms["teacher_ce"] = mean(cross_entropy(labels, teacher_logits))
@@ -163,17 +173,14 @@ def stage_of(variable) -> str:
 
 
 def is_diagnostic_step(step, every):
-    """Whether the step numbered `step` (before its increment) computes gradient norms: the last step
-    before each log point, so that every logged interval carries exactly one measurement. `step` may be a
-    Python int (the loop) or the step variable (inside the train step)."""
-    if tf.is_tensor(step) or isinstance(step, tf.Variable):
-        return tf.equal((step + 1) % every, 0)
+    """Whether the step numbered `step` (before its increment) measures gradient norms: the last step
+    before each log point, so that every logged interval carries exactly one measurement."""
     return (step + 1) % every == 0
 
 
 @dataclasses.dataclass(frozen=True)
 class GradNorms:
-    """Per-stage gradient norms of some loss terms w.r.t. one net's variables, every `every` steps.
+    """Per-stage gradient norms of some loss terms w.r.t. one net's variables.
 
     `sources` maps a label to the term names summed into it, e.g. {"plain": ["plain_ce"], "hybrid":
     ["hybrid_ce_1", "hybrid_ce_2"]}: the norm of d(sum)/d(variables of stage s) is reported as
@@ -183,11 +190,6 @@ class GradNorms:
 
     variables: list
     sources: dict
-    every: int
-
-    def keys(self):
-        stages = sorted({stage_of(v) for v in self.variables})
-        return [f"grad_norm/{label}/{stage}" for label in self.sources for stage in stages]
 
     def measure(self, tape, terms, scale):
         by_stage = {}
@@ -209,15 +211,18 @@ class GradNorms:
 
 def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), nan_skip=False,
                      jit_compile=False, extras_fn=None, grad_norms=None):
-    """A tf.function `train_step(iterator) -> dict of scalars` doing one update of every `Update`.
+    """`train_step(iterator, diagnose=False) -> dict of scalars`, doing one update of every `Update`.
 
     `loss_fn(images, labels)` returns per-replica terms (see `distill_losses`). `state_variables` (BN moving
     statistics) are averaged across replicas after the forward pass: keras 3 updates each replica's copy
     on its own, and without this the replicas' statistics drift apart. With `nan_skip`, a step whose losses
     or gradients are not all finite changes nothing (weights, optimizer slots, BN statistics) and reports
     `skipped=1`. `extras_fn(step)` adds unreduced scalars (learning rate, blend). `step` is incremented.
-    With `grad_norms` (a `GradNorms`), steps for which `is_diagnostic_step` holds also report its
-    `grad_norm/...` values (zeros on the other steps, which the loop ignores).
+
+    With `grad_norms` (a `GradNorms`) and `diagnose=True`, the step also reports its `grad_norm/...` values,
+    measured on the step's own batch right after the update by a separate function that restores the BN
+    statistics it touched. The update itself runs the same graph either way, so a diagnostic never changes
+    training: a run with diagnostics ends with the same weights, bit for bit, as one without.
     """
     if not updates:
         raise ValueError("build_train_step needs at least one Update.")
@@ -225,25 +230,17 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     sync_state = strategy.num_replicas_in_sync > 1
 
     @tf.function(jit_compile=jit_compile)
-    def forward_backward(images, labels, diagnose):
-        with tf.GradientTape(persistent=len(updates) > 1 or grad_norms is not None) as tape:
+    def forward_backward(images, labels):
+        with tf.GradientTape(persistent=len(updates) > 1) as tape:
             terms = loss_fn(images, labels)
             objectives = [u.optimizer.scale_loss(terms[u.objective]) if _loss_scaled(u.optimizer)
                           else terms[u.objective] for u in updates]
-        grads = [tape.gradient(obj, u.variables) for obj, u in zip(objectives, updates)]
-        norms = {}
-        if grad_norms is not None:
-            # Each replica's terms are its share of the global mean: rescale to its own batch's gradient.
-            scale = float(strategy.num_replicas_in_sync)
-            norms = tf.cond(diagnose, lambda: grad_norms.measure(tape, terms, scale),
-                            lambda: {k: tf.constant(0.0) for k in grad_norms.keys()})
-        return terms, grads, norms
+        return terms, [tape.gradient(obj, u.variables) for obj, u in zip(objectives, updates)]
 
     def replica_step(images, labels):
         ctx = tf.distribute.get_replica_context()
         before = [tf.identity(v) for v in state_variables] if nan_skip else None
-        diagnose = tf.constant(False) if grad_norms is None else is_diagnostic_step(step, grad_norms.every)
-        terms, grads, norms = forward_backward(images, labels, diagnose)
+        terms, grads = forward_backward(images, labels)
 
         def apply(grads):
             for u, g in zip(updates, grads):
@@ -272,22 +269,54 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
                 values = [tf.where(finite, new, old) for new, old in zip(values, before)]
             for v, value in zip(state_variables, values):
                 v.assign(value)
-        return terms, norms, 1.0 - tf.cast(finite, tf.float32)
+        return terms, 1.0 - tf.cast(finite, tf.float32)
 
     @tf.function
-    def train_step(iterator):
+    def update(iterator, keep_batch):
         images, labels = next(iterator)
-        terms, norms, skipped = strategy.run(replica_step, args=(images, labels))
+        terms, skipped = strategy.run(replica_step, args=(images, labels))
         out = {k: strategy.reduce(SUM, v, axis=None) for k, v in terms.items()}
-        out.update({k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in norms.items()})
         if nan_skip:
             out["skipped"] = strategy.reduce(tf.distribute.ReduceOp.MEAN, skipped, axis=None)
         if extras_fn is not None:
             out.update(extras_fn(step))
         step.assign_add(1)
-        return out
+        return out, ((images, labels) if keep_batch else None)
+
+    measure = None if grad_norms is None else _build_grad_norm_measure(strategy, loss_fn, grad_norms,
+                                                                       state_variables)
+
+    def train_step(iterator, diagnose=False):
+        if measure is None or not diagnose:
+            return update(iterator, False)[0]
+        out, batch = update(iterator, True)
+        return {**out, **measure(*batch)}
 
     return train_step
+
+
+def _build_grad_norm_measure(strategy, loss_fn, grad_norms, state_variables):
+    """A tf.function `measure(images, labels) -> {grad_norm/...: replica mean}`. Its forward pass runs in
+    training mode, as the step's does, and the BN statistics it moves are put back."""
+    # Each replica's terms are its share of the global mean: rescale to its own batch's gradient.
+    scale = float(strategy.num_replicas_in_sync)
+
+    def replica_measure(images, labels):
+        saved = [tf.identity(v) for v in state_variables]
+        with tf.GradientTape(persistent=True) as tape:
+            terms = loss_fn(images, labels)
+        norms = grad_norms.measure(tape, terms, scale)
+        with tf.control_dependencies(list(norms.values())):
+            for v, value in zip(state_variables, saved):
+                v.assign(value)
+        return norms
+
+    @tf.function
+    def measure(images, labels):
+        norms = strategy.run(replica_measure, args=(images, labels))
+        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in norms.items()}
+
+    return measure
 
 
 def build_eval_step(strategy, model, teacher=None, paths=None):

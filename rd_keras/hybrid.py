@@ -6,8 +6,8 @@ same shape in the ResNet and its plain twin, so for a point after block b
     logits_b = teacher[block b+1 .. logits](plain[input .. block b](x)).
 
 `distill.hybrid_points` chooses the points: `stages` (the stage boundaries, the paper's default),
-`every_k_blocks:K`, or an explicit list of block numbers (1-based, counted across stages, as the official
-code's `dis_point`). More points give the plain net's early layers more short gradient paths, at the cost of
+`every_k_blocks:K`, an explicit list of block numbers (1-based, counted across stages, as the official
+code's `dis_point`), or `none` (no path: the knowledge-distillation baseline). More points give the plain net's early layers more short gradient paths, at the cost of
 one teacher tail (forward and backward) each.
 
 The tails are Keras sub-models cut out of the teacher's functional graph, so they share the teacher's layers
@@ -23,6 +23,7 @@ import keras
 from rd_keras import architectures
 
 STAGES = "stages"
+NONE = "none"  # no hybrid path: the teacher reaches the plain net only through KD on its logits
 
 
 def block_outputs(model) -> list[str]:
@@ -39,12 +40,15 @@ def block_outputs(model) -> list[str]:
 
 
 def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str]:
-    """The layer names where hybrid paths start, for `spec` = "stages", "every_k_blocks:K" or "b1,b2,...",
-    given the block-output names of a net (`block_outputs(model)` or `architectures.block_output_names`).
+    """The layer names where hybrid paths start, for `spec` = "stages", "every_k_blocks:K", "b1,b2,..." or
+    "none" (no path, []), given the block-output names of a net (`block_outputs(model)` or
+    `architectures.block_output_names`).
 
     Points lie strictly before the last block: a path from there would be the plain net itself."""
     usable = len(blocks) - 1
     spec = str(spec).strip()
+    if spec == NONE:
+        return []
     if spec == STAGES:
         chosen = [i for i, name in enumerate(blocks[:-1], start=1) if "_block" not in name]
     elif spec.startswith("every_k_blocks:"):
@@ -59,8 +63,8 @@ def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str
             raise ValueError(f"distill.hybrid_points: block numbers must be in 1..{usable} for "
                              f"{name!r} ({len(blocks)} blocks). Received: hybrid_points={spec!r}")
     else:
-        raise ValueError(f"distill.hybrid_points must be 'stages', 'every_k_blocks:K' or a comma-separated "
-                         f"list of block numbers. Received: hybrid_points={spec!r}")
+        raise ValueError(f"distill.hybrid_points must be 'stages', 'every_k_blocks:K', 'none' or a "
+                         f"comma-separated list of block numbers. Received: hybrid_points={spec!r}")
     if not chosen:
         raise ValueError(f"distill.hybrid_points={spec!r} gives no hybrid path for {name!r} "
                          f"({len(blocks)} blocks).")
@@ -69,7 +73,7 @@ def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str
 
 def teacher_tails(teacher, points) -> list:
     """[tail_1, ..., tail_n]: tail_i maps the tensor at `points[i-1]` to the teacher's logits."""
-    if architectures.num_stages(teacher) < 2:
+    if points and architectures.num_stages(teacher) < 2:
         raise ValueError(f"Hybrid paths need a teacher with at least 2 stages; {teacher.name!r} has "
                          f"{architectures.num_stages(teacher)}.")
     logits = teacher.get_layer("logits").output

@@ -102,8 +102,6 @@ class TrainLoop:
                     f"Non-finite loss at step {step}: {terms}. Stopped (train.nan_policy='stop'); the "
                     f"newest checkpoint, {self._checkpointer.latest() or 'none yet'}, predates it. Lower "
                     "train.lr or set train.nan_policy='skip'.")
-            if not distill.is_diagnostic_step(step, self.config.train.log_every_steps):
-                values = {k: v for k, v in values.items() if not k.startswith("grad_norm/")}
             for k, v in values.items():
                 interval.setdefault(k, []).append(v)
                 self._epoch_terms.setdefault(k, []).append(v)
@@ -232,7 +230,8 @@ class TrainLoop:
                                   unit="step", disable=not (self.chief and t.progress), file=sys.stderr)
             with self._bar:
                 while step < run_end:
-                    self._pending.append((step, self.setup.train_step(iterator)))
+                    diagnose = t.grad_norms and distill.is_diagnostic_step(step, t.log_every_steps)
+                    self._pending.append((step, self.setup.train_step(iterator, diagnose=diagnose)))
                     step += 1
                     self._bar.update(1)
                     if step % t.log_every_steps == 0:

@@ -114,14 +114,22 @@ def validate(config):
                 raise ConfigError(str(e)) from None
         _number(d.temperature, "distill.temperature", 0, low_open=True)
         _number(d.kd_alpha, "distill.kd_alpha", 0)
+        _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
         _number(d.blend_floor, "distill.blend_floor", 0, 1)
         _number(d.blend_epochs, "distill.blend_epochs", 0)
         _check(architectures.get_spec(m.arch).blocks[1:],
                f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
         try:
-            hybrid.hybrid_points(architectures.block_output_names(m.arch), d.hybrid_points, m.arch)
+            points = hybrid.hybrid_points(architectures.block_output_names(m.arch), d.hybrid_points, m.arch)
         except ValueError as e:
             raise ConfigError(f"config.{e}") from None
+        if not points:
+            _check(d.logit_kd_alpha > 0, f"config.distill.hybrid_points={d.hybrid_points!r} leaves the teacher no "
+                   f"way to teach: set distill.logit_kd_alpha > 0 (knowledge distillation), got "
+                   f"{d.logit_kd_alpha!r}, or use train.mode='supervised'.")
+            _check(d.kd_alpha == 0, f"config.distill.kd_alpha={d.kd_alpha!r} weights KD on hybrid paths, and "
+                   f"distill.hybrid_points={d.hybrid_points!r} has none: use distill.logit_kd_alpha for KD on "
+                   "the plain net's logits.")
 
 
 def make_strategy(name):
@@ -184,6 +192,7 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
 
     loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
                                   temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
+                                  logit_kd_alpha=config.distill.logit_kd_alpha,
                                   normalize=config.distill.normalize)
     extras = {"lr": lr_fn}
     if t.mode in ("supervised", "transfer"):
@@ -215,7 +224,9 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         trained = {"plain": plain, "resnet": resnet} if joint else {"plain": plain}
         objectives = ["total", "teacher_total"] if joint else ["total"]
         extras["blend"] = blend
-        sources = {"plain": ["plain_ce"], "hybrid": [f"hybrid_ce_{i}" for i in range(1, len(paths.points) + 1)]}
+        sources = {"plain": ["plain_ce"], "hybrid": [f"hybrid_ce_{i}" for i in range(1, len(paths.points) + 1)],
+                   "kd": ["logit_kd"] if config.distill.logit_kd_alpha > 0 else []}
+        sources = {label: terms for label, terms in sources.items() if terms}
         diagnosed = plain
 
         def loss_fn(images, labels):
@@ -232,7 +243,7 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         strategy, loss_fn, updates, step=step, nan_skip=t.nan_policy == "skip", jit_compile=t.jit_compile,
         state_variables=[v for model in trained.values() for v in model.non_trainable_variables],
         extras_fn=lambda s: {k: f(s) for k, f in extras.items()},
-        grad_norms=distill.GradNorms(diagnosed.trainable_variables, sources, t.log_every_steps)
+        grad_norms=distill.GradNorms(diagnosed.trainable_variables, sources)
         if t.grad_norms else None)
     objects = {"step": step, "epoch": epoch, **trained,
                **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}

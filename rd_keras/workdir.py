@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from rd_keras.errors import WorkdirError  # noqa: F401  (raised here, caught by train.py as an RDError)
 
@@ -187,11 +188,42 @@ def check_workdir(workdir: str, config) -> bool:
     return True
 
 
+def code_version() -> str:
+    """The code that is running: `git describe --always --dirty` of the checkout rd_keras is imported
+    from, else the installed package version."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    try:
+        described = subprocess.run(["git", "-C", package_dir, "describe", "--always", "--dirty", "--abbrev=12"],
+                                   capture_output=True, text=True, timeout=10)
+        if described.returncode == 0 and described.stdout.strip():
+            return "git:" + described.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import rd_keras
+
+    return "rd_keras " + getattr(rd_keras, "__version__", "unknown")
+
+
+def code_versions(workdir: str) -> list:
+    """Every code version that trained part of the run in `workdir` (resumes may add one), oldest first;
+    [] for a run from before versions were recorded."""
+    try:
+        with open(config_path(workdir)) as f:
+            return list(json.load(f).get("run", {}).get("code_versions", []))
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
 def write_config(workdir: str, config, **derived):
-    """Writes config.json atomically: the config, plus the derived sections (`dataset`, `run`)."""
+    """Writes config.json atomically: the config, plus the derived sections (`dataset`, `run`). The `run`
+    section also lists the code versions that trained it (`code_versions`, this one last)."""
     unknown = set(derived) - set(DERIVED_SECTIONS)
     if unknown:
         raise ValueError(f"Derived sections must be among {DERIVED_SECTIONS}, got {sorted(unknown)}.")
+    versions = code_versions(workdir)
+    if not versions or versions[-1] != code_version():
+        versions.append(code_version())
+    derived = {**derived, "run": {**derived.get("run", {}), "code_versions": versions}}
     tree = {**_json_tree(config), **json.loads(json.dumps(derived))}
     write_atomic(config_path(workdir), json.dumps(tree, indent=2, sort_keys=True))
 

@@ -12,6 +12,7 @@ import pytest
 
 from rd_keras import bench
 from rd_keras.bench import accuracy as bench_accuracy
+from rd_keras.bench import accuracy_report
 from rd_keras.bench import common as bench_common
 
 TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
@@ -112,9 +113,33 @@ def test_accuracy_plan_same_budget_for_every_run(tmp_path):
         assert flags["config.train.epochs"] == "6" and flags["config.model.width"] == "0.5"
         assert flags["config.data.train_subset"] == "10000"
         assert flags["config.model.arch"] == f"resnet{run['depth']}"
-        if run["kind"] == "rd_pretrained":
+        if run["kind"] in ("rd_pretrained", "kd"):
             assert flags["config.teacher.path"] == os.path.join(str(tmp_path), f"d{run['depth']}_resnet")
+            assert flags["config.teacher.mode"] == "pretrained"
             assert run["needs"] == f"d{run['depth']}_resnet"
+        if run["kind"] == "kd":  # the KD baseline: no hybrid path, KD on the plain logits
+            assert flags["config.distill.hybrid_points"] == "none"
+            assert flags["config.distill.logit_kd_alpha"] == "1.0"
+        else:
+            assert "config.distill.hybrid_points" not in flags
+
+
+def test_accuracy_curves_named_by_split_teacher_time_and_versions():
+    validated = [{"epoch": 1, "step": 5, "acc": 0.7, "loss": 0.9, "ce": 1.0},
+                 {"epoch": 2, "step": 10, "acc": 0.8, "loss": 0.6, "ce": 0.5, "test_acc": 0.79}]
+    c = bench_accuracy.curves(validated)
+    assert c["val_acc"] == [0.7, 0.8] and c["val_loss"] == [0.9, 0.6] and "test_acc" not in c
+    assert bench_accuracy.curves(validated[:1])["test_acc"] == [0.7]
+    # Old files kept validation accuracies under test_acc; the reader takes either.
+    assert accuracy_report.eval_curve({"test_acc": [0.5]}) == [0.5]
+    assert accuracy_report.eval_curve(c) == [0.7, 0.8]
+    results = bench_accuracy.add_teacher_time([
+        {"name": "d56_resnet", "wall_s": 600.0, "needs": None, "code_versions": ["git:a"]},
+        {"name": "d56_kd", "wall_s": 700.0, "needs": "d56_resnet", "code_versions": ["git:b"]},
+        {"name": "d56_plain", "failed": True}])
+    assert [r.get("total_wall_s") for r in results] == [600.0, 1300.0, None]
+    assert bench_accuracy.version_note(results) == "rows come from 2 code versions: git:a; git:b"
+    assert bench_accuracy.version_note(results[:1]) is None
 
 
 def test_accuracy_plan_variants_and_seeds(tmp_path):
@@ -273,8 +298,6 @@ def test_multiply_adds_counts_convs_and_dense_by_hand():
 
 
 def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
-    from rd_keras.bench import accuracy_report
-
     def run(kind, seed, test, val, teacher=None, base=None):
         steps = [50, 100]
         train = {"step": steps, "plain_ce" if base else "ce": [1.0, 0.5],

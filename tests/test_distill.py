@@ -309,15 +309,70 @@ def test_grad_norms_per_stage_show_where_each_loss_reaches():
     config = small_config(**{"distill.kd_alpha": 0.0, "train.log_every_steps": 2, "train.grad_norms": True})
     setup = setup_for(config)
     images, labels = batch()
-    first = setup.train_step(one_batch_iterator(images, labels))  # step 0: not a diagnostic step
-    second = setup.train_step(one_batch_iterator(images, labels))  # step 1: (1 + 1) % 2 == 0
+    plain = setup.trained["plain"]
+    first = setup.train_step(one_batch_iterator(images, labels))  # not a diagnostic step: no norms
+    assert not any(k.startswith("grad_norm/") for k in first)
+    bn_before = [v.numpy() for v in plain.non_trainable_variables]
+    second = setup.train_step(one_batch_iterator(images, labels), diagnose=True)
     keys = {k for k in second if k.startswith("grad_norm/")}
     assert keys == {f"grad_norm/{src}/{part}" for src in ("plain", "hybrid")
                     for part in ("stem", "stage1", "stage2", "stage3", "logits")}
-    assert all(float(first[k]) == 0.0 for k in keys)
     for part in ("stem", "stage1", "stage2", "stage3", "logits"):
         assert float(second[f"grad_norm/plain/{part}"]) > 0
     # Hybrid paths leave the plain net at stage2 at the latest: its stage3 and classifier get nothing.
     for part in ("stem", "stage1", "stage2"):
         assert float(second[f"grad_norm/hybrid/{part}"]) > 0
     assert float(second["grad_norm/hybrid/stage3"]) == float(second["grad_norm/hybrid/logits"]) == 0.0
+    # The measurement put the BN statistics back: they moved by the step's own forward pass only.
+    assert any(not np.array_equal(a, v.numpy()) for a, v in zip(bn_before, plain.non_trainable_variables))
+
+
+def test_grad_norms_do_not_change_training():
+    """A diagnostic must not change training: the same steps with and without measurements end with the
+    same weights and BN statistics, bit for bit."""
+    finals = []
+    for diagnose in (False, True):
+        keras.utils.set_random_seed(0)
+        setup = setup_for(small_config(**{"distill.kd_alpha": 0.0, "train.grad_norms": True}))
+        for i in range(3):
+            images, labels = batch(seed=i)
+            setup.train_step(one_batch_iterator(images, labels), diagnose=diagnose)
+        finals.append([v.numpy() for model in setup.trained.values() for v in model.weights])
+    assert len(finals[0]) == len(finals[1])
+    for a, b in zip(*finals):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kd_baseline_without_hybrid_paths():
+    """hybrid_points=none + logit_kd_alpha: CE(plain) + alpha * T^2 KL(teacher || plain), no hybrid term."""
+    config = small_config(**{"distill.kd_alpha": 0.0, "distill.hybrid_points": "none",
+                             "distill.logit_kd_alpha": 0.5})
+    setup = setup_for(config)
+    plain, resnet = setup.trained["plain"], setup.trained["resnet"]
+    paths = hybrid.build_paths(plain, resnet, "none")
+    assert paths.points == () and paths.tails == ()
+    images, labels = batch()
+    cfg = distill.LossConfig(global_batch_size=BATCH, weight_decay=1e-3, logit_kd_alpha=0.5, temperature=3.0)
+    terms = distill.distill_losses(paths, resnet, images, labels, blend=0.7, cfg=cfg, joint=False)
+    assert not any(k.startswith(("hybrid_ce_", "kd_")) for k in terms)
+    # The plain net runs in training mode inside the step: compare against the taps' own forward.
+    student = paths.taps(images, training=True)["logits"]
+    expected_kd = tf.reduce_mean(distill.kd_loss(resnet(images, training=False)["logits"], student, 3.0))
+    np.testing.assert_allclose(float(terms["logit_kd"]), float(expected_kd), rtol=1e-5)
+    np.testing.assert_allclose(float(terms["total"]), float(terms["plain_ce"] + 0.5 * terms["logit_kd"]
+                                                          + terms["weight_decay"]), rtol=1e-6)
+    # One training step runs, and evaluation reports no hybrid accuracies.
+    out = setup.train_step(one_batch_iterator(images, labels))
+    assert np.isfinite(float(out["total"])) and "logit_kd" in out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"distill.hybrid_points": "none"}, "set distill.logit_kd_alpha > 0"),
+    ({"distill.hybrid_points": "none", "distill.logit_kd_alpha": 1.0, "distill.kd_alpha": 0.5},
+     "use distill.logit_kd_alpha"),
+    ({"distill.logit_kd_alpha": -1.0}, "config.distill.logit_kd_alpha must be a number"),
+])
+def test_kd_settings_are_checked(overrides, message):
+    config = small_config(**{"distill.kd_alpha": 0.0, **overrides})
+    with pytest.raises(train_lib.ConfigError, match=message):
+        train_lib.validate(config)

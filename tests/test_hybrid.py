@@ -101,6 +101,7 @@ def test_block_output_names_match_the_built_layers():
     ("every_k_blocks:3", ["stage1", "stage2"]),
     ("every_k_blocks:2", ["stage1_block2_out", "stage2_block1_out", "stage2", "stage3_block2_out"]),
     ("1, 5,3", ["stage1_block1_out", "stage1", "stage2_block2_out"]),
+    ("none", []),
 ])
 def test_hybrid_points(spec, expected):
     assert hybrid.hybrid_points(RESNET20_BLOCKS, spec, "resnet20") == expected
@@ -111,7 +112,7 @@ def test_hybrid_points(spec, expected):
     ("every_k_blocks:9", "gives no hybrid path"),
     ("0,3", "must be in 1..8"),
     ("9", "must be in 1..8"),
-    ("blocks", "must be 'stages', 'every_k_blocks:K' or a comma-separated list"),
+    ("blocks", "must be 'stages', 'every_k_blocks:K', 'none' or a comma-separated list"),
 ])
 def test_bad_hybrid_points_are_refused(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -1,15 +1,17 @@
 """`bench accuracy`: does RD let a plain net match its ResNet? The paper's core experiment, by `train.py`.
 
-For each depth D in `--depths` four runs, identical budget and schedule (`--epochs`, `--width`,
+For each depth D in `--depths` five runs, identical budget and schedule (`--epochs`, `--width`,
 `--train_subset` on top of `--config`), each `train.py` in its own workdir under `--out`:
 
 - `resnet`: ResNet-D trained alone (`train.mode=supervised`, shortcuts "all");
 - `plain`: plain-D trained alone (shortcuts "none"): the gap RD has to close;
 - `rd_joint`: plain-D trained by RD, the ResNet teacher trained alongside (`teacher.mode=joint`);
-- `rd_pretrained`: plain-D trained by RD from the frozen ResNet of the `resnet` run (`teacher.mode=pretrained`).
+- `rd_pretrained`: plain-D trained by RD from the frozen ResNet of the `resnet` run (`teacher.mode=pretrained`);
+- `kd`: the knowledge-distillation baseline: plain-D trained on CE + T^2 KL(teacher || plain) from the same
+  frozen ResNet, no hybrid path (`distill.hybrid_points=none`, `distill.logit_kd_alpha=1`).
 
 `--variant NAME:KEY=VALUE,...` (repeatable) adds a run `NAME` with those config overrides on top of one of
-the four runs above, chosen by the key `run` (default `rd_joint`): e.g. `--variant
+the five runs above, chosen by the key `run` (default `rd_joint`): e.g. `--variant
 dirac:model.dirac=True` or `--variant plain_dirac:run=plain,model.dirac=True`; the key `seeds` (e.g.
 `seeds=0,1`) gives a variant its own seeds. `--seeds 0,1` repeats every other
 run with `train.seed` and `data.seed` set to each seed (runs of the config's own seed keep their plain
@@ -20,7 +22,9 @@ trains (the learning curves, and the numbers to choose variants by) and on the t
 
 Reported per run: test (and validation) accuracy of the trained net (the plain net for RD runs; RD runs
 also give their teacher's), the final epoch's mean training cross-entropy of that net, wall time, and the
-learning curves read from each workdir's metrics.jsonl. The hybrid-loss decay `distill.blend_epochs` keeps
+learning curves read from each workdir's metrics.jsonl (`curves.val_acc` per epoch with a validation split,
+`curves.test_acc` without), the code versions that trained it, and for runs from a pretrained teacher the
+total wall time including the teacher's training (`total_wall_s`). The hybrid-loss decay `distill.blend_epochs` keeps
 the config's fraction of the run when `--epochs` shortens it. A workdir holding a finished run is reused,
 not retrained.
 """
@@ -39,7 +43,8 @@ import time
 from rd_keras.bench import common
 from rd_keras import workdir as wd
 
-RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained")
+RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained", "kd")
+FROM_TEACHER = ("rd_pretrained", "kd")  # runs that distil from the frozen ResNet of the `resnet` run
 DONE_FILE = wd.BENCH_RUN_FILE  # written into a workdir when its run finished, with the wall time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -122,8 +127,9 @@ def plan(args):
         if at:
             own_seeds[kind] = common.parse_ints(seed, f"--runs={args.runs!r}: {kind}@", minimum=0)
     kinds = common.parse_choices(",".join(k.split("@")[0] for k in str(args.runs).split(",")), "--runs", RUNS)
-    if "rd_pretrained" in kinds and "resnet" not in kinds:
-        raise common.FlagError(f"--runs={args.runs!r}: rd_pretrained needs the resnet run as its teacher.")
+    for kind in FROM_TEACHER:
+        if kind in kinds and "resnet" not in kinds:
+            raise common.FlagError(f"--runs={args.runs!r}: {kind} needs the resnet run as its teacher.")
     epochs = config.train.epochs if args.epochs is None else args.epochs
     width = config.model.width if args.width is None else args.width
     subset = config.data.train_subset if args.train_subset is None else args.train_subset
@@ -138,8 +144,9 @@ def plan(args):
     names = [v[0] for v in variants]
     if len(set(names)) != len(names):
         raise common.FlagError(f"--variant names must differ, got {names}.")
-    if any(base == "rd_pretrained" for _, base, _ in variants) and "resnet" not in kinds:
-        raise common.FlagError("A variant of rd_pretrained needs the resnet run (--runs) as its teacher.")
+    if any(base in FROM_TEACHER for _, base, _ in variants) and "resnet" not in kinds:
+        raise common.FlagError(f"A variant of {' or '.join(FROM_TEACHER)} needs the resnet run (--runs) as its "
+                               "teacher.")
     blend_epochs = config.distill.blend_epochs * epochs / config.train.epochs
     overrides = dict(_parse_override(o) for o in args.override)
     budget = {"config": args.config, "epochs": epochs, "width": width, "train_subset": subset,
@@ -159,6 +166,8 @@ def plan(args):
         "plain": {"train.mode": "supervised", "model.supervised_shortcuts": "none"},
         "rd_joint": {"train.mode": "distill", "teacher.mode": "joint"},
         "rd_pretrained": {"train.mode": "distill", "teacher.mode": "pretrained"},
+        "kd": {"train.mode": "distill", "teacher.mode": "pretrained", "distill.hybrid_points": "none",
+               "distill.logit_kd_alpha": 1.0},
     }
     entries = [(kind, kind, {"seeds": own_seeds[kind]} if kind in own_seeds else {}) for kind in RUNS
                if kind in kinds] + variants
@@ -176,7 +185,7 @@ def plan(args):
                     continue
                 workdir = os.path.join(args.out, f"d{depth}_{name}{suffix}")
                 flags = {**common_flags, "model.arch": f"resnet{depth}", **per_kind[base], **seed_flags}
-                teacher_run = f"d{depth}_resnet{suffix}" if base == "rd_pretrained" else None
+                teacher_run = f"d{depth}_resnet{suffix}" if base in FROM_TEACHER else None
                 if teacher_run:
                     flags["teacher.path"] = os.path.join(args.out, teacher_run)
                 flags.update(extra)
@@ -301,11 +310,13 @@ def read_train_scalars(workdir):
 
 
 def curves(records):
-    """Learning curves of a run: per evaluation, the trained net's test accuracy and train CE, and for RD
-    runs the teacher's test accuracy and the hybrid paths' accuracies."""
+    """Learning curves of a run: per evaluation, the trained net's accuracy and loss on the split it was
+    evaluated on while training (`val_acc`/`val_loss` with a validation split, else `test_acc`/`test_loss`),
+    its train CE, and for RD runs the teacher's accuracy and the hybrid paths' accuracies."""
     distill = "plain_ce" in records[0]
+    split = "val" if "test_acc" in records[-1] else "test"
     out = {"epoch": [r["epoch"] for r in records], "step": [r["step"] for r in records],
-           "test_acc": [r["acc"] for r in records], "test_loss": [r["loss"] for r in records],
+           f"{split}_acc": [r["acc"] for r in records], f"{split}_loss": [r["loss"] for r in records],
            "train_ce": [r.get("plain_ce" if distill else "ce") for r in records],
            "train_total": [r.get("total") for r in records]}
     if distill:
@@ -318,7 +329,7 @@ def summarize_run(run, done):
     """One run's numbers. With a validation split, `test_acc` (and `teacher_acc`) come from the one test
     evaluation at the end, `val_acc` and the curves from the validation split."""
     entry = {"name": run["name"], "depth": run["depth"], "kind": run["kind"], "base": run.get("base", run["kind"]),
-             "seed": run.get("seed", 0), "workdir": run["workdir"]}
+             "seed": run.get("seed", 0), "workdir": run["workdir"], "needs": run.get("needs")}
     if run["name"] not in done:
         return {**entry, "failed": True}
     records = read_metrics(run["workdir"])
@@ -327,11 +338,31 @@ def summarize_run(run, done):
     entry.update(test_acc=last["test_acc"] if validated else last["acc"],
                  val_acc=last["acc"] if validated else None, final_train_ce=c["train_ce"][-1],
                  wall_s=done[run["name"]]["wall_s"], reused=done[run["name"]]["reused"],
-                 command=done[run["name"]]["command"],
+                 command=done[run["name"]]["command"], code_versions=wd.code_versions(run["workdir"]),
                  teacher_acc=last.get("test_teacher_acc" if validated else "teacher_acc"),
                  teacher_val_acc=last.get("teacher_acc") if validated else None, curves=c,
                  train_curves=read_train_scalars(run["workdir"]))
     return entry
+
+
+def add_teacher_time(results):
+    """`total_wall_s` of every run: its own wall time, plus its teacher's for runs from a pretrained one."""
+    by_name = {r["name"]: r for r in results}
+    for r in results:
+        if r.get("failed"):
+            continue
+        teacher = by_name.get(r.get("needs") or "")
+        r["total_wall_s"] = r["wall_s"] + (teacher["wall_s"] if teacher and not teacher.get("failed") else 0.0)
+    return results
+
+
+def version_note(results) -> str | None:
+    """A line naming the code versions behind the rows when they differ (None when all agree)."""
+    versions = sorted({" + ".join(r.get("code_versions") or ["unrecorded"]) for r in results
+                       if not r.get("failed")})
+    if len(versions) < 2:
+        return None
+    return f"rows come from {len(versions)} code versions: " + "; ".join(versions)
 
 
 def aggregate(results):
@@ -345,7 +376,7 @@ def aggregate(results):
     rows = []
     for (depth, kind), rs in groups.items():
         row = {"depth": depth, "kind": kind, "seeds": [r.get("seed", 0) for r in rs]}
-        for key in ("test_acc", "val_acc", "teacher_acc", "teacher_val_acc"):
+        for key in ("test_acc", "val_acc", "teacher_acc", "teacher_val_acc", "total_wall_s"):
             values = [r[key] for r in rs if r.get(key) is not None]
             if values:
                 row[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values),
@@ -373,8 +404,10 @@ def table(results) -> str:
             rows.append([r["depth"], r["name"], None, None, None, None, None, "failed"])
             continue
         rows.append([r["depth"], r["name"], _pct(r.get("val_acc")), 100 * r["test_acc"], _pct(r["teacher_acc"]),
-                     r["final_train_ce"], r["wall_s"] / 60, "reused" if r["reused"] else ""])
-    header = ["depth", "run", "val acc %", "test acc %", "teacher test acc %", "final train CE", "wall min", ""]
+                     r["final_train_ce"], r["wall_s"] / 60, r.get("total_wall_s", r["wall_s"]) / 60,
+                     "reused" if r["reused"] else ""])
+    header = ["depth", "run", "val acc %", "test acc %", "teacher test acc %", "final train CE", "wall min",
+              "+ teacher min", ""]
     return common.format_table(rows, header)
 
 
@@ -382,10 +415,14 @@ def summary_table(rows) -> str:
     def spread(stat):
         return "" if not stat else f"{100 * stat['mean']:.2f} ({100 * stat['min']:.2f}-{100 * stat['max']:.2f})"
 
+    def minutes(stat):
+        return None if not stat else stat["mean"] / 60
+
     body = [[r["depth"], r["kind"], len(r["seeds"]), spread(r.get("val_acc")), spread(r.get("test_acc")),
-             _pct(r.get("gap_closed_val_acc")), _pct(r.get("gap_closed_test_acc"))] for r in rows]
+             _pct(r.get("gap_closed_val_acc")), _pct(r.get("gap_closed_test_acc")), minutes(r.get("total_wall_s"))]
+            for r in rows]
     header = ["depth", "run", "seeds", "val acc % mean (min-max)", "test acc % mean (min-max)",
-              "gap closed % (val)", "gap closed % (test)"]
+              "gap closed % (val)", "gap closed % (test)", "total wall min (mean)"]
     return common.format_table(body, header)
 
 
@@ -393,7 +430,7 @@ def run(args):
     load_at_start = common.load_average()
     budget, runs = plan(args)
     done, failed = execute(runs, args.parallel)
-    results = [summarize_run(r, done) for r in runs]
+    results = add_teacher_time([summarize_run(r, done) for r in runs])
     summary = aggregate(results)
     payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
                "settings": {"parallel": args.parallel, "out": args.out}, "results": results, "summary": summary}
@@ -402,6 +439,9 @@ def run(args):
           f"config {budget['config']}")
     print(table(results))
     print(summary_table(summary))
+    note = version_note(results)
+    if note:
+        print(note)
     if args.json:
         common.write_json(args.json, payload)
     if failed:

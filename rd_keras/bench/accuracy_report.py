@@ -11,7 +11,13 @@ from __future__ import annotations
 from rd_keras.bench.common import md_table, provenance
 
 RUN_LABELS = {"resnet": "ResNet (supervised)", "plain": "plain (supervised)", "rd_joint": "plain + RD (joint teacher)",
-              "rd_pretrained": "plain + RD (pretrained teacher)"}
+              "rd_pretrained": "plain + RD (pretrained teacher)", "kd": "plain + KD (pretrained teacher)"}
+
+
+def eval_curve(curves):
+    """The per-epoch accuracy curve of a run's `curves`, whichever split it was evaluated on. Files written
+    before the curves were named by split kept validation accuracies under `test_acc`."""
+    return curves.get("val_acc") or curves["test_acc"]
 
 
 def _pct(x):
@@ -147,7 +153,8 @@ def plot_curves(payload, path):
             first = sum(1 for x in results if x["depth"] == depth and x["kind"] == r["kind"]
                         and x.get("seed", 0) < r.get("seed", 0)) == 0
             name = label(r["kind"]) if first else None
-            axes[0][col].plot(c["epoch"], [100 * a for a in c["test_acc"]], marker="o", color=color, label=name)
+            axes[0][col].plot(c["epoch"], [100 * a for a in eval_curve(c)], marker="o", color=color,
+                              label=name)
             train = r.get("train_curves") or {}
             ce = train.get("plain_ce") or train.get("ce")
             if ce:
@@ -194,7 +201,7 @@ def plot_grad_norms(payload, path):
         stages = sorted({k.split("/")[2] for k in t if k.startswith("grad_norm/")},
                         key=lambda s: (s != "stem", s == "logits", s))
         for i, stage in enumerate(stages):
-            for source, style in (("plain", "-"), ("ce", "-"), ("hybrid", "--")):
+            for source, style in (("plain", "-"), ("ce", "-"), ("hybrid", "--"), ("kd", ":")):
                 values = t.get(f"grad_norm/{source}/{stage}")
                 if values:
                     points = [(s, v) for s, v in zip(t["step"], values) if v is not None]

@@ -39,9 +39,11 @@ def get_config():
         "blend_floor": 0.0,  # m(t) decays by cosine from 1 to this ...
         "blend_epochs": 100.0,  # ... over this many epochs, then stays there
         "kd_alpha": 0.0,  # weight of the T^2-scaled KL(teacher || hybrid) terms; 0 = no KD
+        "logit_kd_alpha": 0.0,  # weight of T^2 KL(teacher || plain) on the plain net's own logits (plain KD)
         "temperature": 4.0,
         "normalize": False,  # divide the CE terms by the number of paths (hybrid + plain), as the official code
-        "hybrid_points": "stages",  # where hybrid paths start: "stages", "every_k_blocks:K" or "b1,b2,..."
+        # where hybrid paths start: "stages", "every_k_blocks:K", "b1,b2,..." or "none" (KD baseline)
+        "hybrid_points": "stages",
     })
 
     config.train = ml_collections.ConfigDict({
