@@ -10,7 +10,7 @@ key, and an unknown key is an error. Rerunning with the same --workdir resumes. 
 
 Any problem found before training (a flag, a config value, the data, the teacher, a workdir of another
 run) ends the program with exit status 1 and one message `error: ...` on stderr (a config diff lists its
-keys on the following lines), and writes nothing.
+keys on the following lines), and writes nothing. `--helpfull` also lists absl's own flags.
 """
 
 import sys
@@ -44,6 +44,7 @@ def _flag_error(error, argv):
 # config_flags reads an override's key path as a Python expression, and `from` is a keyword: this one key
 # is taken off the command line here and set after parsing.
 _KEYWORD_OVERRIDES = ("transfer.from",)
+HELP_FLAGS = {"--help", "-h", "-?", "--helpshort"}
 
 
 def _take_keyword_overrides(argv):
@@ -75,6 +76,8 @@ def _config_files(argv):
 
 
 def _parse_flags(argv):
+    if HELP_FLAGS & set(argv[1:]):  # absl would print the same and exit with status 1
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:
         argv, taken = _take_keyword_overrides(argv)
         argv = _config_files(argv)
