@@ -3,7 +3,10 @@
 `config.train.mode`:
 - "distill": a plain student (`model.student_shortcuts`) learns with hybrid paths through a ResNet teacher
   (`teacher.mode`: "joint" trains it at the same time on its own CE; "pretrained" loads it from
-  `teacher.path`, frozen). Saves `plain.keras`, and `resnet.keras` in joint mode.
+  `teacher.path`, frozen). Saves `plain.keras`, and `resnet.keras` in joint mode. "pretrained" with an
+  empty `teacher.path` is the two-phase recipe in one command: phase 1 trains the ResNet alone in
+  `W/teacher/` (a workdir of its own, same data and budget), phase 2 distils from it. A run interrupted in
+  either phase resumes in that phase.
 - "supervised": one net with `model.supervised_shortcuts` ("all": the ResNet, saved as `resnet.keras`,
   usable later as `teacher.path`; "none"/"downsample": the plain baseline, saved as `plain.keras`).
 - "transfer": fine-tune the trained net named by `transfer.from` on this config's data, with a new head
@@ -15,6 +18,7 @@ the train stream restarts at the batch that step reached (`data.TrainPasses`), s
 `train.deterministic=True` an interrupted and resumed run ends with the same weights as an uninterrupted one.
 """
 
+import copy
 import dataclasses
 import os
 
@@ -258,17 +262,52 @@ def _distribute(strategy, ds):
     return strategy.experimental_distribute_dataset(ds.with_options(options))
 
 
+def teacher_phase_config(config):
+    """The config of phase 1 of the two-phase recipe: the ResNet twin of `config`'s student trained alone
+    (supervised, all shortcuts, no Dirac convs, no export), with the same data, budget and seed."""
+    phase = copy.deepcopy(config)
+    phase.train.mode = "supervised"
+    phase.model.supervised_shortcuts = "all"
+    phase.model.dirac = False
+    phase.export.enabled = False
+    return phase
+
+
+def trains_its_teacher(config) -> bool:
+    """Whether `config` is the two-phase recipe: a pretrained teacher with no `teacher.path`."""
+    return config.train.mode == "distill" and config.teacher.mode == "pretrained" and not config.teacher.path
+
+
 def run(config, workdir):
     """Trains as configured; returns the final evaluation dict (None when stopped early by
     `train.steps_per_run` or SIGTERM, after saving a checkpoint)."""
     validate(config)
     resuming = wd.check_workdir(workdir, config)
+    teacher_path = config.teacher.path
+    if trains_its_teacher(config):
+        teacher_path = wd.teacher_dir(workdir)
+        phase = teacher_phase_config(config)
+        wd.check_workdir(teacher_path, phase)
     # MultiWorkerMirroredStrategy must exist before any other TensorFlow call.
     strategy = make_strategy(config.train.strategy)
+    if trains_its_teacher(config) and not wd.saved_model_file(teacher_path, (wd.RESNET_FILE,)):
+        print(f"phase 1 of 2: training the teacher ResNet in {teacher_path}", flush=True)
+        if _train(phase, teacher_path, strategy) is None:
+            return None
+        print(f"phase 2 of 2: distilling from {wd.resnet_path(teacher_path)}", flush=True)
+    return _train(config, workdir, strategy, teacher_path, resuming)
+
+
+def _train(config, workdir, strategy, teacher_path="", resuming=None):
+    """One training run in `workdir` (a phase of `run`)."""
+    if resuming is None:
+        resuming = wd.check_workdir(workdir, config)
     teacher_source = None
     if config.train.mode == "distill" and config.teacher.mode == "pretrained":
-        teacher_source = teacher.resolve(config.teacher.path, config.teacher.weights)
+        teacher_source = teacher.resolve(teacher_path, config.teacher.weights)
     transfer_source, derived = None, {}
+    if teacher_source is not None and not config.teacher.path:
+        derived["teacher_workdir"] = teacher_path  # the two-phase recipe's own teacher run
     if config.train.mode == "transfer":
         source = transfer.resolve(config.transfer["from"], config.transfer.weights)
         transfer_source = transfer.load(source)

@@ -10,6 +10,8 @@ Layout of a workdir `W`:
     W/plain.keras          the plain net alone; W/resnet.keras the ResNet when one was trained
     W/export/              saved_model/<model_name>/<version>/, tflite/plain_<quant>.tflite, report.json
     W/bench_run.json       written by `python -m rd_keras.bench accuracy` when the run finished
+    W/teacher/             a workdir of its own: the ResNet that `teacher.mode=pretrained` with no
+                           `teacher.path` trains first (phase 1 of the two-phase recipe)
 
 A process may be killed at any instruction, so every file a resumed run relies on is replaced atomically
 (written aside, then renamed: `write_atomic`, `save_model_atomic`, `publish_dir`): config.json, the
@@ -36,6 +38,7 @@ EXPORT_DIR = "export"
 SAVED_MODEL_DIR = "saved_model"  # under EXPORT_DIR: <model_name>/<version>/
 TFLITE_DIR = "tflite"  # under EXPORT_DIR
 REPORT_FILE = "report.json"  # under EXPORT_DIR
+TEACHER_DIR = "teacher"  # the phase-1 teacher run of the two-phase pretrained recipe
 BENCH_RUN_FILE = "bench_run.json"  # `bench accuracy` marks a finished run with it (its DONE_FILE)
 # Top-level sections of config.json that are derived from the config, not part of it.
 DERIVED_SECTIONS = ("dataset", "run")
@@ -74,6 +77,10 @@ def plain_path(workdir: str) -> str:
 
 def resnet_path(workdir: str) -> str:
     return os.path.join(workdir, RESNET_FILE)
+
+
+def teacher_dir(workdir: str) -> str:
+    return os.path.join(workdir, TEACHER_DIR)
 
 
 def export_dir(workdir: str) -> str:

@@ -140,6 +140,33 @@ def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
         assert [json.loads(line)["step"] for line in f] == [8, 16]
 
 
+def test_two_phase_recipe_trains_its_teacher_first_and_resumes_in_either_phase(tmp_path, capsys):
+    """teacher.mode=pretrained with no teacher.path: phase 1 trains the ResNet in W/teacher, phase 2
+    distils from it; a stop in either phase resumes in that phase."""
+    workdir = str(tmp_path / "w")
+    recipe = {"teacher.mode": "pretrained", "teacher.path": "", "model.dirac": True, "model.dirac_beta": 0.1}
+    assert train_lib.run(smoke_config(**recipe, **{"train.steps_per_run": 5}), workdir) is None
+    out = capsys.readouterr().out
+    assert "phase 1 of 2" in out and "phase 2 of 2" not in out
+    assert latest_step(wd.teacher_dir(workdir)) == 5 and not os.path.exists(wd.config_path(workdir))
+    # Finishes phase 1 (11 more steps), then stops phase 2 after 14 of its 16.
+    assert train_lib.run(smoke_config(**recipe, **{"train.steps_per_run": 14}), workdir) is None
+    out = capsys.readouterr().out
+    assert "resumed from step 5 of 16" in out and "phase 2 of 2" in out
+    assert os.path.isfile(wd.resnet_path(wd.teacher_dir(workdir))) and latest_step(workdir) == 14
+    record = train_lib.run(smoke_config(**recipe), workdir)
+    out = capsys.readouterr().out
+    assert "phase 1 of 2" not in out and "resumed from step 14 of 16" in out
+    assert record is not None and 0 <= record["plain_acc"] <= 1
+    assert os.path.isfile(wd.plain_path(workdir)) and not os.path.exists(wd.resnet_path(workdir))
+    with open(wd.config_path(wd.teacher_dir(workdir))) as f:
+        phase1 = json.load(f)
+    assert phase1["train"]["mode"] == "supervised" and phase1["model"]["supervised_shortcuts"] == "all"
+    assert phase1["model"]["dirac"] is False and phase1["train"]["seed"] == smoke_config().train.seed
+    with open(wd.config_path(workdir)) as f:
+        assert json.load(f)["run"]["teacher_workdir"] == wd.teacher_dir(workdir)
+
+
 def test_metrics_are_trimmed_back_to_the_restored_checkpoint(tmp_path):
     path = tmp_path / wd.METRICS_FILE
     records = [json.dumps({"step": s, "acc": 0.5}) for s in (8, 16, 24)]
