@@ -5,24 +5,22 @@ then export the plain net alone.
     python examples/fit_api.py --workdir=/tmp/fit_api --smoke    # resnet8 x0.25 on 384 images, ~1 minute
     python -m rd_keras.export --workdir=/tmp/fit_api             # the export this script ends with
 
-The numbers (learning rate, m(t), KD, weight decay) are those of configs/fashion_mnist.py, so this run and
-`python train.py --config=configs/fashion_mnist.py` optimise the same objective.
+The numbers (learning rate, m(t), KD, weight decay) are those of the shipped config fashion_mnist, so this run
+and `rd-keras-train --config=fashion_mnist` optimise the same objective. The teacher here starts untrained, so
+it is trained alongside (`teacher_mode="joint"`); examples/pretrained_teacher.py distils from a trained one,
+which stays frozen (the default).
 """
 
 import argparse
 import dataclasses
 import os
-import sys
 
-# Run from a checkout: the repository root holds `rd_keras` and `configs`.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import keras
 
-import keras  # noqa: E402
-
-import rd_keras  # noqa: E402
-from configs import fashion_mnist  # noqa: E402
-from rd_keras import architectures, data, export  # noqa: E402
-from rd_keras import workdir as wd  # noqa: E402
+import rd_keras
+from rd_keras import architectures, data, export
+from rd_keras import workdir as wd
+from rd_keras.configs import fashion_mnist
 
 
 def main(argv=None):
@@ -50,7 +48,7 @@ def main(argv=None):
     t, d = config.train, config.distill
     lr = rd_keras.WarmupCosine(t.lr, warmup_steps=int(t.warmup_epochs * steps), total_steps=epochs * steps)
     distiller = rd_keras.ResidualDistiller(
-        teacher, student, teacher_mode="joint", hybrid_points=d.hybrid_points,
+        teacher, student, teacher_mode="joint", hybrid_points=d.hybrid_points,  # an untrained teacher learns too
         blend=rd_keras.BlendSchedule(steps, blend_epochs=d.blend_epochs, floor=d.blend_floor),
         kd_alpha=d.kd_alpha, temperature=d.temperature, weight_decay=t.weight_decay, normalize=d.normalize)
 

@@ -1,15 +1,15 @@
 """`ResidualDistiller`: Residual Distillation behind Keras' `compile()` / `fit()` / `evaluate()`.
 
-    distiller = rd_keras.ResidualDistiller(teacher, student, teacher_mode="joint",
+    distiller = rd_keras.ResidualDistiller(teacher, student,  # a trained teacher, frozen
                                            blend=rd_keras.BlendSchedule(steps_per_epoch, blend_epochs=20))
-    distiller.compile(optimizer=keras.optimizers.SGD(lr_schedule, momentum=0.9),
-                      teacher_optimizer=keras.optimizers.SGD(lr_schedule, momentum=0.9))
+    distiller.compile(optimizer=keras.optimizers.SGD(lr_schedule, momentum=0.9))
     distiller.fit(train_ds, validation_data=eval_ds, epochs=30, callbacks=[...])
     distiller.student  # the trained plain net, to save as W/plain.keras and export
 
 `train_step` is the trainer's step (`distill.build_train_step`) in Keras' shape: the objective is
 `distill.distill_losses` itself, over the paths of `hybrid.build_paths`, so the two can never disagree. One
-update of the student by `optimizer`, and in joint mode one of the teacher, on its own CE, by
+update of the student by `optimizer`. The teacher is frozen by default (`teacher_mode="pretrained"`, as in
+`keras.distillation.Distiller`); `teacher_mode="joint"` also trains it, on its own CE, by
 `teacher_optimizer`. The blend weight m(t) is a schedule of the student optimizer's `iterations`, as the
 learning rate is: `BackupAndRestore` and `ModelCheckpoint` save that counter with the optimizer, so a
 resumed `fit` continues m(t) and the learning rate where they stopped.
@@ -67,15 +67,15 @@ class ResidualDistiller(keras.Model):
     Args:
         teacher, student: functional models returning a dict with `logits` whose layers at the hybrid
             points have equal output shapes (`rd_keras.architectures.build`, or `make_plain(teacher)`).
-        teacher_mode: "joint" (trained alongside on its own CE, by `teacher_optimizer`) or "pretrained"
-            (frozen: this sets `teacher.trainable = False`).
+        teacher_mode: "pretrained" (default: the teacher is trained already and stays frozen; this sets
+            `teacher.trainable = False`) or "joint" (trained alongside on its own CE, by `teacher_optimizer`).
         hybrid_points: "stages", "every_k_blocks:K" or "b1,b2,..." (see `rd_keras.hybrid`).
         blend: m(t), a number or a schedule of the step (`rd_keras.BlendSchedule`).
         kd_alpha, temperature, weight_decay, normalize: as `distill.LossConfig`; `weight_decay` is the L2
             term of the objective (give the optimizers none of their own).
     """
 
-    def __init__(self, teacher, student, *, teacher_mode="joint", hybrid_points=hybrid.STAGES, blend=1.0,
+    def __init__(self, teacher, student, *, teacher_mode="pretrained", hybrid_points=hybrid.STAGES, blend=1.0,
                  kd_alpha=0.0, temperature=4.0, weight_decay=0.0, normalize=False,
                  name="residual_distiller", **kwargs):
         if teacher_mode not in TEACHER_MODES:

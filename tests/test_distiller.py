@@ -173,6 +173,30 @@ def test_fit_with_callbacks_pretrained_teacher_and_evaluate(tmp_path):
     assert int(restored.optimizer.iterations.numpy()) == 4 * (best + 1)
 
 
+def test_default_teacher_is_frozen_and_a_trained_resnet_comes_out_bitwise_unchanged():
+    """As keras.distillation.Distiller, the teacher is trained already and frozen unless asked otherwise: a
+    trained ResNet, given with no teacher_mode, is bit for bit the same after fit(), BN statistics included,
+    while the student learns."""
+    teacher = architectures.build("resnet8", **NET)
+    resnet = architectures.classifier(teacher)  # the same layers, logits only: trained the Keras way
+    resnet.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    resnet.fit(dataset(2), steps_per_epoch=2, epochs=1, verbose=0)
+    trained = weights(teacher)
+    moving_means = [v.numpy() for v in teacher.non_trainable_variables if "moving_mean" in v.path]
+    assert moving_means and all(np.any(m != 0) for m in moving_means)  # training moved them off their init
+    student = twins.make_plain(teacher)
+    d = distiller.ResidualDistiller(teacher, student, blend=0.5, kd_alpha=0.5)
+    d.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9))
+    assert d.teacher_mode == "pretrained" and d.teacher_optimizer is None and not teacher.trainable_variables
+    untrained_student = weights(student)
+    history = d.fit(dataset(4), steps_per_epoch=4, epochs=1, verbose=0)
+    assert "teacher_loss" not in history.history
+    for before, after in zip(trained, weights(teacher)):
+        np.testing.assert_array_equal(before, after)
+    assert any(not np.array_equal(a, b) for a, b in zip(untrained_student, weights(student)))
+
+
 class _Interrupt(keras.callbacks.Callback):
     """Records each batch's m(t), learning rate and step; raises after `stop_at` batches of this run."""
 
@@ -327,7 +351,7 @@ def test_mismatched_pairs_and_bad_arguments_name_the_value():
             distiller.ResidualDistiller(teacher, student, **kwargs)
     with pytest.raises(ValueError, match="same one twice"):
         distiller.ResidualDistiller(teacher, teacher)
-    joint = distiller.ResidualDistiller(teacher, student)
+    joint = distiller.ResidualDistiller(teacher, student, teacher_mode="joint")
     with pytest.raises(ValueError, match="loss='mse'"):
         joint.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ValueError, match="own optimizer"):
@@ -366,8 +390,7 @@ def test_schedule_objects_serialise_and_match_the_functions():
 
 @pytest.mark.slow  # a fresh interpreter and graph tracing: 25-115 s on 2 busy cores
 def test_example_script_smoke(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}  # rd_keras: the installed one
     workdir = tmp_path / "w"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "fit_api.py"), "--smoke",
                            f"--workdir={workdir}"], env=env, capture_output=True, text=True, timeout=600)
