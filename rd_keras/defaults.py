@@ -15,7 +15,9 @@ DATA = {
     "manual_dir": "",  # tfds manual downloads (imagenet2012)
     "download": False,  # tfds only: allow download_and_prepare
     "image_size": None,  # None keeps the native size (an int placeholder in the ConfigDict)
-    "channels": 3,  # synthetic images; folder images are decoded to this many channels
+    # synthetic images; folder images are decoded to this many channels. A run from a trained net (transfer,
+    # pretrained teacher) takes the net's count instead (rd_keras/channels.py)
+    "channels": 3,
     "num_classes": 10,  # synthetic and idx; tfds and folder know their own
     "classes": (),  # idx, folder, synthetic: keep only these labels, renumbered 0.. in this order; () = all
     "synthetic_examples": 512,  # train split; the test split gets a fifth as many

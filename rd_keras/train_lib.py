@@ -25,8 +25,8 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import (architectures, checkpointing, data, distill, hybrid, pretrained, schedules, teacher,
-                      transfer)
+from rd_keras import (architectures, channels, checkpointing, data, distill, hybrid, pretrained, schedules,
+                      teacher, transfer)
 from rd_keras import workdir as wd
 from rd_keras.errors import ConfigError  # noqa: F401
 from rd_keras.loop import TrainLoop
@@ -282,6 +282,7 @@ def run(config, workdir):
     """Trains as configured; returns the final evaluation dict (None when stopped early by
     `train.steps_per_run` or SIGTERM, after saving a checkpoint)."""
     validate(config)
+    channels.adopt(config)  # data.channels from the net the run starts from, before config.json is compared
     resuming = wd.check_workdir(workdir, config)
     teacher_path = config.teacher.path
     if trains_its_teacher(config):

@@ -15,6 +15,9 @@ rather than editing the loaded model, is what keeps export, folding and checkpoi
 fine-tuned plain net is saved as `plain.keras` (so `rd_keras.export` ships it), a fine-tuned ResNet as
 `resnet.keras`.
 
+The images take the source net's channel count where the data can give it (`rd_keras.channels`): a
+Fashion-MNIST net fine-tunes on a folder of grayscale (or RGB) PNGs as they are.
+
 `transfer.freeze_stages = k` freezes the first k stages, the stem counting as the first: their weights stay
 as loaded and their BatchNormalization layers run in inference mode (Keras 3 does so for any BN layer
 with `trainable=False`), so the frozen features are exactly the source net's.
@@ -165,7 +168,8 @@ def rebuild(source_model, *, num_classes: int, input_shape, copy: bool = True) -
     theirs = tuple(source_model.input.shape[1:])
     if theirs[-1] != input_shape[-1]:
         raise TransferError(f"{source_model.name} takes {theirs[-1]}-channel images but the configured data has "
-                            f"{input_shape[-1]} (set config.data.channels={theirs[-1]} for an image folder).")
+                            f"{input_shape[-1]}; folder and synthetic data are read with the net's channel count "
+                            f"(rd_keras.channels), other sources keep their own.")
     model = architectures.build(recipe.arch, shortcuts=recipe.shortcuts, num_classes=num_classes,
                                 input_shape=tuple(input_shape), width=recipe.width, stem=recipe.stem,
                                 dirac=recipe.dirac, name=source_model.name, **dict(recipe.options))

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from rd_keras.configs import fashion_mnist
-from rd_keras import architectures, data, train_lib, transfer
+from rd_keras import architectures, data, export, train_lib, transfer
 from rd_keras import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +34,15 @@ def smoke_config(**overrides):
     return config
 
 
-def write_image_folder(root, classes=3, per_class=(8, 4), size=16):
-    """`root/{train,test}/c<k>/*.png`, RGB, class k brighter than class k-1."""
+def write_image_folder(root, classes=3, per_class=(8, 4), size=16, channels=3):
+    """`root/{train,test}/c<k>/*.png`, RGB (or grayscale: channels=1), class k brighter than class k-1."""
     rng = np.random.default_rng(0)
+    shape = (size, size, 3) if channels == 3 else (size, size)
     for split, n in zip(("train", "test"), per_class):
         for k in range(classes):
             os.makedirs(os.path.join(root, split, f"c{k}"))
             for i in range(n):
-                pixels = (k + 0.5) * 255 / classes + rng.uniform(-30, 30, (size, size, 3))
+                pixels = (k + 0.5) * 255 / classes + rng.uniform(-30, 30, shape)
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
                     os.path.join(root, split, f"c{k}", f"{i}.png"))
     return str(root)
@@ -185,6 +186,38 @@ def test_transfer_new_head_frozen_stages_unchanged_and_resnet_saved_as_resnet(so
         assert json.load(f)["run"]["transfer"]["shortcuts"] == "all"
 
 
+@pytest.fixture(scope="module")
+def grayscale_source(tmp_path_factory):
+    """A workdir holding a plain net of 1-channel 16x16 images, as a Fashion-MNIST run leaves (untrained: only
+    its input matters here)."""
+    root = tmp_path_factory.mktemp("grayscale_source")
+    net = architectures.build("resnet8", shortcuts="none", input_shape=(16, 16, 1), width=0.25)
+    wd.save_model_atomic(net, wd.plain_path(str(root)))
+    return root
+
+
+@pytest.mark.parametrize("net_channels, folder_channels", [(1, 1), (1, 3), (3, 1)])
+def test_images_take_the_source_nets_channel_count(sources, grayscale_source, tmp_path, net_channels,
+                                                   folder_channels):
+    """No data.channels given (configs/transfer.py leaves the default, 3): grayscale PNGs are read as one
+    channel for a 1-channel net and made RGB for an RGB net; RGB PNGs are made grayscale for a 1-channel net."""
+    folder = write_image_folder(tmp_path / "images", channels=folder_channels)
+    source = grayscale_source if net_channels == 1 else sources / "plain"
+    workdir = tmp_path / "ft"
+    config = transfer_config(source, folder, **{"train.epochs": 1, "train.warmup_epochs": 0.0})
+    assert config.data.channels == 3
+    record = train_lib.run(config, str(workdir))
+    assert record["step"] == 3
+    with open(workdir / wd.CONFIG_FILE) as f:
+        written = json.load(f)
+    assert written["data"]["channels"] == net_channels and written["dataset"]["image_shape"] == [16, 16, net_channels]
+    tuned = keras.saving.load_model(str(workdir / wd.PLAIN_FILE), compile=False)
+    assert tuple(tuned.input.shape[1:]) == (16, 16, net_channels)
+    # The export reads the images the run trained on, from config.json.
+    exported_config, _ = export.load_workdir(str(workdir))
+    assert data.raw_examples(exported_config, "test", 4)[0].shape == (4, 16, 16, net_channels)
+
+
 @pytest.mark.parametrize("given, message", [
     ("missing.keras", r"config.transfer.from='.*missing.keras': file not found"),
     ("empty_dir", r"config.transfer.from='.*empty_dir': a directory with neither plain.keras nor resnet.keras"),
@@ -201,8 +234,9 @@ def test_bad_transfer_source_fails_naming_it_before_anything_is_written(tmp_path
 
 def test_transfer_mismatches_fail_before_anything_is_written(sources, tmp_path):
     folder = write_image_folder(tmp_path / "images")
-    cases = [({"data.channels": 1}, transfer.TransferError, r"plain8 takes 3-channel images but the configured data "
-                                                            r"has 1 \(set config.data.channels=3"),
+    cases = [({"data.source": "idx", "data.name": "fashion_mnist"}, train_lib.ConfigError,
+              r"config.transfer.from='.*plain' takes 3-channel images, but IDX images \(config.data.source='idx'\) "
+              r"have 1 channel"),
              ({"transfer.freeze_stages": 5}, transfer.TransferError,
               r"freeze_stages must be an integer in \[0, 4\] for plain8 .*got 5"),
              ({"transfer.freeze_stages": -1}, train_lib.ConfigError, r"transfer.freeze_stages .* got -1"),
@@ -218,12 +252,13 @@ def test_transfer_mismatches_fail_before_anything_is_written(sources, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_command_fine_tunes_a_plain_net_on_an_image_folder_and_exports_it(sources, tmp_path):
-    """The README's command, through train.py: train, checkpoint, resume, export of the fine-tuned plain net."""
-    folder = write_image_folder(tmp_path / "images")
+def test_readme_command_fine_tunes_a_plain_net_on_an_image_folder_and_exports_it(grayscale_source, tmp_path):
+    """The README's command, through train.py, a net of grayscale images on a folder of grayscale PNGs (no
+    data.channels): train, checkpoint, resume, export of the fine-tuned plain net."""
+    folder = write_image_folder(tmp_path / "images", channels=1)
     workdir = str(tmp_path / "ft")
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config=configs/transfer.py:smoke",
-               f"--workdir={workdir}", f"--config.transfer.from={sources / 'plain'}",
+               f"--workdir={workdir}", f"--config.transfer.from={grayscale_source}",
                f"--config.data.data_dir={folder}", "--config.data.batch_size=8", "--config.train.progress=False"]
     first = subprocess.run([*command, "--config.train.steps_per_run=1"], cwd=ROOT, env=ENV, capture_output=True,
                            text=True, timeout=600)
@@ -238,6 +273,7 @@ def test_readme_command_fine_tunes_a_plain_net_on_an_image_folder_and_exports_it
         "ckpt-3.index", "ckpt-4.index", "ckpt-6.index"]  # epoch ends and every 4 steps, the newest 3 kept
     model = keras.saving.load_model(os.path.join(workdir, wd.PLAIN_FILE), compile=False)
     assert model.name == "plain8" and model.get_layer("logits").units == 3
+    assert tuple(model.input.shape[1:]) == (16, 16, 1)
     with open(os.path.join(workdir, "export", "report.json")) as f:
         report = json.load(f)
     assert report["eval"]["examples"] == 12

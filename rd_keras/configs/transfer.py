@@ -1,7 +1,7 @@
 """Fine-tune a trained net (plain or ResNet) on your own images: new classifier head, all else copied.
 
     python train.py --config=configs/transfer.py --workdir=W2 --config.transfer.from=W \\
-        --config.data.data_dir=my_images --config.data.channels=1
+        --config.data.data_dir=my_images
     python train.py --config=configs/transfer.py --workdir=W2 --config.transfer.from=W/plain.keras \\
         --config.data.source=tfds --config.data.name=cifar10 --config.data.data_dir=
     python train.py --config=configs/transfer.py:smoke --workdir=/tmp/ft --config.transfer.from=W \\
@@ -9,7 +9,7 @@
 
 `my_images/{train,test}/<class>/*.png|jpg` (class names sorted give the labels); `transfer.from` is a
 `plain.keras` or `resnet.keras`, a workdir of this project (its plain.keras, else resnet.keras), or
-`keras.applications.<Name>`. `data.channels` must match the source net (1 for Fashion-MNIST nets).
+`keras.applications.<Name>`. The images take the source net's channel count (grayscale or RGB files alike).
 `--config.transfer.freeze_stages=2` keeps the stem and stage 1 frozen. The fine-tuned plain net is saved as
 `W2/plain.keras`, so `--config.export.enabled=True` (or `python -m rd_keras.export --workdir=W2`) ships it.
 """
@@ -23,7 +23,6 @@ def get_config(arg=None):
     config.data.source = "folder"
     config.data.name = "folder"
     config.data.data_dir = ""  # required: the image folder
-    config.data.channels = 3
     config.data.augment = "cifar"  # pad-crop + flip; small data sets need it most
     config.data.batch_size = 32  # a few hundred images make only a few steps per epoch at 128
     config.data.shuffle_buffer = 10_000
