@@ -107,12 +107,24 @@ def supervised_losses(model, images, labels, cfg: LossConfig):
     return terms
 
 
-def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, joint: bool):
+def teacher_losses(teacher, images, labels, cfg: LossConfig):
+    """A joint teacher's own objective, `teacher_total` = its CE + its weight decay."""
+    def mean(per_example):
+        return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
+
+    terms = {"teacher_ce": mean(cross_entropy(labels, teacher(images, training=True)["logits"])),
+             "teacher_weight_decay": tf.nn.scale_regularization_loss(l2_penalty(teacher, cfg.weight_decay))}
+    terms["teacher_total"] = terms["teacher_ce"] + terms["teacher_weight_decay"]
+    return terms
+
+
+def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, joint: bool, kd_weight=1.0):
     """Terms of an RD step: `total` is the plain net's objective, `teacher_total` (joint mode) the teacher's.
 
     `paths` is a `hybrid.HybridPaths` (possibly with no path); hybrid path i gives `hybrid_ce_{i}` and, when
     kd_alpha > 0, `kd_{i}`; logit_kd_alpha > 0 gives `logit_kd`. With normalize, the KD term on the plain
-    logits is not divided: it is not a path's cross-entropy.
+    logits is not divided: it is not a path's cross-entropy; `kd_weight` (0 or 1, a number or a scalar
+    tensor) gates it, as m(t) gates the hybrid terms.
     """
     def mean(per_example):
         return tf.nn.compute_average_loss(per_example, global_batch_size=cfg.global_batch_size)
@@ -135,12 +147,9 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
     terms["total"] = scale * (terms["plain_ce"] + blend * hybrid_sum) + terms["weight_decay"]
     if cfg.logit_kd_alpha > 0:
         terms["logit_kd"] = mean(kd_loss(soft_targets, out["logits"], cfg.temperature))
-        terms["total"] += cfg.logit_kd_alpha * terms["logit_kd"]
+        terms["total"] += kd_weight * cfg.logit_kd_alpha * terms["logit_kd"]
     if joint:
-        teacher_logits = teacher(images, training=True)["logits"]
-        terms["teacher_ce"] = mean(cross_entropy(labels, teacher_logits))
-        terms["teacher_weight_decay"] = tf.nn.scale_regularization_loss(l2_penalty(teacher, cfg.weight_decay))
-        terms["teacher_total"] = terms["teacher_ce"] + terms["teacher_weight_decay"]
+        terms.update(teacher_losses(teacher, images, labels, cfg))
     return terms
 
 
@@ -213,7 +222,10 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
                      jit_compile=False, extras_fn=None, grad_norms=None):
     """`train_step(iterator, diagnose=False) -> dict of scalars`, doing one update of every `Update`.
 
-    `loss_fn(images, labels)` returns per-replica terms (see `distill_losses`). `state_variables` (BN moving
+    `loss_fn(images, labels)` returns per-replica terms (see `distill_losses`), and every update's gradient
+    comes from that one forward pass. A list of loss functions, one per update, runs them in order instead:
+    each update is applied before the next forward pass (a joint teacher updated before its student, as the
+    paper's official code does); with `nan_skip`, each such phase is skipped on its own. `state_variables` (BN moving
     statistics) are averaged across replicas after the forward pass: keras 3 updates each replica's copy
     on its own, and without this the replicas' statistics drift apart. With `nan_skip`, a step whose losses
     or gradients are not all finite changes nothing (weights, optimizer slots, BN statistics) and reports
@@ -226,39 +238,59 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
     """
     if not updates:
         raise ValueError("build_train_step needs at least one Update.")
+    if callable(loss_fn):
+        phases = [(loss_fn, list(updates))]
+    elif len(loss_fn) == len(updates):
+        phases = [(fn, [u]) for fn, u in zip(loss_fn, updates)]
+    else:
+        raise ValueError(f"build_train_step needs one loss function, or one per update ({len(updates)}), "
+                         f"got {len(loss_fn)}.")
     state_variables = list(state_variables)
     sync_state = strategy.num_replicas_in_sync > 1
 
-    @tf.function(jit_compile=jit_compile)
-    def forward_backward(images, labels):
-        with tf.GradientTape(persistent=len(updates) > 1) as tape:
-            terms = loss_fn(images, labels)
-            objectives = [u.optimizer.scale_loss(terms[u.objective]) if _loss_scaled(u.optimizer)
-                          else terms[u.objective] for u in updates]
-        return terms, [tape.gradient(obj, u.variables) for obj, u in zip(objectives, updates)]
+    def forward_backward_of(fn, phase_updates):
+        @tf.function(jit_compile=jit_compile)
+        def forward_backward(images, labels):
+            with tf.GradientTape(persistent=len(phase_updates) > 1) as tape:
+                terms = fn(images, labels)
+                objectives = [u.optimizer.scale_loss(terms[u.objective]) if _loss_scaled(u.optimizer)
+                              else terms[u.objective] for u in phase_updates]
+            return terms, [tape.gradient(obj, u.variables) for obj, u in zip(objectives, phase_updates)]
 
-    def replica_step(images, labels):
-        ctx = tf.distribute.get_replica_context()
-        before = [tf.identity(v) for v in state_variables] if nan_skip else None
+        return forward_backward
+
+    steps = [(forward_backward_of(fn, us), us) for fn, us in phases]
+
+    def run_phase(ctx, forward_backward, phase_updates, images, labels):
         terms, grads = forward_backward(images, labels)
 
         def apply(grads):
-            for u, g in zip(updates, grads):
+            for u, g in zip(phase_updates, grads):
                 u.optimizer.apply(g, u.variables)
 
         finite = tf.constant(True)
         if nan_skip:
             # Loss-scaled grads may overflow legitimately; LossScaleOptimizer skips those updates itself.
             checked = list(terms.values()) + [
-                g for u, gs in zip(updates, grads) if not _loss_scaled(u.optimizer) for g in gs]
+                g for u, gs in zip(phase_updates, grads) if not _loss_scaled(u.optimizer) for g in gs]
             bad = ctx.all_reduce(SUM, 1.0 - tf.cast(_all_finite(checked), tf.float32))
             finite = tf.equal(bad, 0.0)
-            if all(_loss_scaled(u.optimizer) for u in updates):
+            if all(_loss_scaled(u.optimizer) for u in phase_updates):
                 apply(grads)
             else:
                 _apply_if(finite, apply, grads)
         else:
             apply(grads)
+        return terms, finite
+
+    def replica_step(images, labels):
+        ctx = tf.distribute.get_replica_context()
+        before = [tf.identity(v) for v in state_variables] if nan_skip else None
+        terms, finite = {}, tf.constant(True)
+        for forward_backward, phase_updates in steps:
+            phase_terms, phase_finite = run_phase(ctx, forward_backward, phase_updates, images, labels)
+            terms.update(phase_terms)
+            finite = tf.logical_and(finite, phase_finite) if len(steps) > 1 else phase_finite
         if state_variables and (sync_state or nan_skip):
             # tf.identity places each read on this replica's device: all_reduce needs a device to
             # reduce to, and a bare read of a multi-worker variable has none.
@@ -283,7 +315,13 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
         step.assign_add(1)
         return out, ((images, labels) if keep_batch else None)
 
-    measure = None if grad_norms is None else _build_grad_norm_measure(strategy, loss_fn, grad_norms,
+    def all_terms(images, labels):
+        terms = {}
+        for fn, _ in phases:
+            terms.update(fn(images, labels))
+        return terms
+
+    measure = None if grad_norms is None else _build_grad_norm_measure(strategy, all_terms, grad_norms,
                                                                        state_variables)
 
     def train_step(iterator, diagnose=False):

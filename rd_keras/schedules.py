@@ -23,22 +23,30 @@ def _clip01(x):
     return tf.clip_by_value(x, 0.0, 1.0) if tf.is_tensor(x) else min(max(x, 0.0), 1.0)
 
 
-def blend_weight(step, *, steps_per_epoch: int, blend_epochs: float, floor: float):
-    """m(t): cosine decay from 1 to `floor` over `blend_epochs` epochs, then constant at `floor`.
+def blend_weight(step, *, steps_per_epoch: int, blend_epochs: float, floor: float, start_epochs: float = 0.0):
+    """m(t): 0 before `start_epochs`, then cosine decay from 1 to `floor` over `blend_epochs` epochs, then
+    constant at `floor`.
 
     t = step / steps_per_epoch is fractional, so m changes every step, not once per epoch.
-    `blend_epochs=0` means the hybrid losses start (and stay) at the floor.
+    `blend_epochs=0` means the hybrid losses start (and stay) at the floor. A delayed start lets a joint
+    teacher learn on its own before the hybrid paths pass its gradients to the plain net.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch!r}.")
-    if blend_epochs < 0:
-        raise ValueError(f"blend_epochs must be >= 0, got {blend_epochs!r}.")
+    if blend_epochs < 0 or start_epochs < 0:
+        raise ValueError(f"blend_epochs and start_epochs must be >= 0, got {blend_epochs!r} and {start_epochs!r}.")
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"The blend floor must be in [0, 1], got {floor!r}.")
+    t = _as_float(step)
+    if start_epochs:
+        t = t - steps_per_epoch * start_epochs
     if blend_epochs == 0:
-        return tf.constant(floor, tf.float32) if tf.is_tensor(step) else float(floor)
-    progress = _clip01(_as_float(step) / (steps_per_epoch * blend_epochs))
-    return floor + (1.0 - floor) * 0.5 * (1.0 + _cos(math.pi * progress))
+        value = tf.constant(floor, tf.float32) if tf.is_tensor(step) else float(floor)
+    else:
+        value = floor + (1.0 - floor) * 0.5 * (1.0 + _cos(math.pi * _clip01(t / (steps_per_epoch * blend_epochs))))
+    if not start_epochs:
+        return value
+    return tf.where(t >= 0, value, 0.0) if tf.is_tensor(step) else (value if t >= 0 else 0.0)
 
 
 def warmup_cosine_lr(step, *, base_lr: float, warmup_steps: int, total_steps: int):
@@ -66,20 +74,23 @@ def warmup_cosine_lr(step, *, base_lr: float, warmup_steps: int, total_steps: in
 class BlendSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """m(t) of `blend_weight` as a step-driven schedule: `BlendSchedule(...)(step)` -> float32 tensor."""
 
-    def __init__(self, steps_per_epoch, blend_epochs, floor=0.0):
+    def __init__(self, steps_per_epoch, blend_epochs, floor=0.0, start_epochs=0.0):
         if not isinstance(steps_per_epoch, int) or isinstance(steps_per_epoch, bool) or steps_per_epoch < 1:
             raise ValueError(f"`steps_per_epoch` must be a positive integer. "
                              f"Received: steps_per_epoch={steps_per_epoch!r}")
-        blend_weight(0, steps_per_epoch=steps_per_epoch, blend_epochs=blend_epochs, floor=floor)  # checks
+        blend_weight(0, steps_per_epoch=steps_per_epoch, blend_epochs=blend_epochs, floor=floor,
+                     start_epochs=start_epochs)  # checks
         self.steps_per_epoch, self.blend_epochs, self.floor = steps_per_epoch, blend_epochs, floor
+        self.start_epochs = start_epochs
 
     def __call__(self, step):
         return tf.cast(blend_weight(tf.convert_to_tensor(step), steps_per_epoch=self.steps_per_epoch,
-                                    blend_epochs=self.blend_epochs, floor=self.floor), tf.float32)
+                                    blend_epochs=self.blend_epochs, floor=self.floor,
+                                    start_epochs=self.start_epochs), tf.float32)
 
     def get_config(self):
         return {"steps_per_epoch": self.steps_per_epoch, "blend_epochs": self.blend_epochs,
-                "floor": self.floor}
+                "floor": self.floor, "start_epochs": self.start_epochs}
 
 
 @keras.saving.register_keras_serializable(package="rd_keras")

@@ -34,6 +34,7 @@ from rd_keras.loop import TrainLoop
 TRAIN_MODES = ("distill", "supervised", "transfer")
 STUDENT_INITS = ("random", "teacher")
 TEACHER_MODES = ("joint", "pretrained")
+JOINT_UPDATES = ("together", "teacher_first")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16")
 NAN_POLICIES = ("stop", "skip")
@@ -111,6 +112,8 @@ def validate(config):
         _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
     if t.mode == "distill":
         _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
+        _choice(config.teacher.joint_update, JOINT_UPDATES, "teacher.joint_update")
+        _number(d.blend_start_epochs, "distill.blend_start_epochs", 0)
         if config.teacher.mode == "pretrained":
             try:
                 pretrained.check_config(config)
@@ -187,7 +190,12 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
 
     def blend(s):
         return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch, floor=config.distill.blend_floor,
-                                      blend_epochs=config.distill.blend_epochs)
+                                      blend_epochs=config.distill.blend_epochs,
+                                      start_epochs=config.distill.blend_start_epochs)
+
+    def kd_weight(s):  # KD on the plain logits starts with the hybrid losses
+        start = int(config.distill.blend_start_epochs * steps_per_epoch)
+        return 1.0 if not start else tf.cast(s >= start, tf.float32)
 
     def net(shortcuts):  # with a keras.applications teacher, the student takes its layer variant
         return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
@@ -233,9 +241,18 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         sources = {label: terms for label, terms in sources.items() if terms}
         diagnosed = plain
 
-        def loss_fn(images, labels):
+        teacher_first = joint and config.teacher.joint_update == "teacher_first"
+
+        def student_loss_fn(images, labels):
             return distill.distill_losses(paths, resnet, images, labels, blend=blend(step), cfg=loss_cfg,
-                                          joint=joint)
+                                          joint=joint and not teacher_first, kd_weight=kd_weight(step))
+
+        loss_fn = student_loss_fn
+        if teacher_first:  # the teacher's update is applied before the student's forward pass
+            loss_fn = [lambda images, labels: distill.teacher_losses(resnet, images, labels, loss_cfg),
+                       student_loss_fn]
+            objectives = ["teacher_total", "total"]
+            trained = {"resnet": resnet, "plain": plain}
 
         eval_step = distill.build_eval_step(strategy, plain, resnet, paths)
     # One optimizer per trained net: each applies only its own net's gradients.

@@ -148,6 +148,54 @@ def test_joint_teacher_update_equals_its_own_supervised_step():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
 
 
+def test_teacher_first_student_learns_through_the_updated_teacher(tmp_path):
+    """teacher.joint_update=teacher_first: the teacher takes its own supervised step, then the student takes
+    exactly the step a pretrained-teacher run would take from that updated (frozen) teacher."""
+    images, labels = batch()
+    first = setup_for(small_config(**{"distill.kd_alpha": 0.5, "teacher.joint_update": "teacher_first"}))
+    supervised = setup_for(small_config(**{"train.mode": "supervised", "model.supervised_shortcuts": "all"}))
+    supervised.trained["resnet"].set_weights(first.teacher.get_weights())
+    plain_before = first.trained["plain"].get_weights()
+    terms = first.train_step(one_batch_iterator(images, labels))
+    supervised_terms = supervised.train_step(one_batch_iterator(images, labels))
+    np.testing.assert_allclose(float(terms["teacher_ce"]), float(supervised_terms["ce"]), rtol=1e-5)
+    for a, b in zip(first.teacher.weights, supervised.trained["resnet"].weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    # The student's step from the teacher as it is now, frozen.
+    first.teacher.save(tmp_path / "resnet.keras")
+    config = small_config(**{"distill.kd_alpha": 0.5, "teacher.mode": "pretrained",
+                             "teacher.path": str(tmp_path / "resnet.keras")})
+    frozen = setup_for(config, teacher.resolve(config.teacher.path))
+    frozen.trained["plain"].set_weights(plain_before)
+    frozen_terms = frozen.train_step(one_batch_iterator(images, labels))
+    np.testing.assert_allclose(float(terms["total"]), float(frozen_terms["total"]), rtol=1e-5)
+    for a, b in zip(first.trained["plain"].weights, frozen.trained["plain"].weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    # Checkpointed optimizers keep their roles.
+    assert first.checkpoint_objects["resnet_optimizer"] is not first.checkpoint_objects["plain_optimizer"]
+
+
+def test_delayed_start_keeps_hybrid_and_kd_terms_out_until_it():
+    kw = dict(steps_per_epoch=10, blend_epochs=4, floor=0.2, start_epochs=1.5)
+    assert schedules.blend_weight(0, **kw) == schedules.blend_weight(14, **kw) == 0.0
+    assert schedules.blend_weight(15, **kw) == pytest.approx(1.0)
+    assert schedules.blend_weight(35, **kw) == pytest.approx(0.6)  # half-way through the decay after the start
+    for step in (0, 14, 15, 35, 99):
+        assert float(schedules.blend_weight(tf.constant(step, tf.int64), **kw)) == pytest.approx(
+            schedules.blend_weight(step, **kw), abs=1e-6)
+    config = small_config(**{"distill.kd_alpha": 0.0, "distill.logit_kd_alpha": 1.0,
+                             "distill.blend_start_epochs": 1.0})
+    setup = setup_for(config)
+    images, labels = batch()
+    terms = setup.train_step(one_batch_iterator(images, labels))  # step 0 < one epoch: student CE alone
+    assert float(terms["blend"]) == 0.0
+    np.testing.assert_allclose(float(terms["total"]), float(terms["plain_ce"] + terms["weight_decay"]), rtol=1e-6)
+    setup.step.assign(STEPS_PER_EPOCH)
+    terms = setup.train_step(one_batch_iterator(images, labels))
+    assert float(terms["blend"]) == pytest.approx(1.0)
+    assert float(terms["total"]) > float(terms["plain_ce"] + terms["weight_decay"] + terms["logit_kd"]) - 1e-6
+
+
 # ----------------------------------------------------------------------------- schedules and KD
 
 
@@ -371,6 +419,8 @@ def test_kd_baseline_without_hybrid_paths():
     ({"distill.hybrid_points": "none", "distill.logit_kd_alpha": 1.0, "distill.kd_alpha": 0.5},
      "use distill.logit_kd_alpha"),
     ({"distill.logit_kd_alpha": -1.0}, "config.distill.logit_kd_alpha must be a number"),
+    ({"teacher.joint_update": "student_first"}, "config.teacher.joint_update must be one of"),
+    ({"distill.blend_start_epochs": -1}, "config.distill.blend_start_epochs must be a number"),
 ])
 def test_kd_settings_are_checked(overrides, message):
     config = small_config(**{"distill.kd_alpha": 0.0, **overrides})

@@ -30,6 +30,9 @@ def get_config():
 
     config.teacher = ml_collections.ConfigDict({
         "mode": "joint",  # "joint": trained alongside on its own CE; "pretrained": loaded, frozen
+        # joint only: "together" (teacher and student from one forward pass) or "teacher_first" (the teacher
+        # is updated first and the student learns through the updated teacher, as the official code)
+        "joint_update": "together",
         "path": "",  # pretrained: a .keras file, a workdir, a checkpoint prefix, or keras.applications.ResNet50
         # (also ResNet101, ResNet152), which needs:
         "weights": "",  # "imagenet" (downloaded by Keras) or a local .h5 / .weights.h5 file of that net
@@ -38,6 +41,7 @@ def get_config():
     config.distill = ml_collections.ConfigDict({
         "blend_floor": 0.0,  # m(t) decays by cosine from 1 to this ...
         "blend_epochs": 100.0,  # ... over this many epochs, then stays there
+        "blend_start_epochs": 0.0,  # m(t) = 0 (and no KD) for this many epochs first, e.g. while a joint teacher learns
         "kd_alpha": 0.0,  # weight of the T^2-scaled KL(teacher || hybrid) terms; 0 = no KD
         "logit_kd_alpha": 0.0,  # weight of T^2 KL(teacher || plain) on the plain net's own logits (plain KD)
         "temperature": 4.0,
