@@ -87,13 +87,13 @@ def test_memory(results_dir, capsys):
 
 def test_train_step(results_dir, capsys):
     path = results_dir / "train_step.json"
-    out = _run(["train-step", "--arch=resnet8", "--width=0.25", "--quick", "--kinds=resnet,rd_joint",
+    out = _run(["train-step", "--arch=resnet8", "--width=0.25", "--quick", "--kinds=resnet,rd_joint,kd",
                 f"--json={path}"], capsys)
     assert "rd_joint" in out
     (result,) = _load(path)["results"]
     (combo,) = result["combinations"]
     assert combo["precision"] == "float32" and combo["jit_compile"] is False and "skipped" not in combo
-    assert set(combo["steps"]) == {"resnet", "rd_joint"}
+    assert set(combo["steps"]) == {"resnet", "rd_joint", "kd"}
     base = combo["steps"]["resnet"]["median_ms"]
     for stats in combo["steps"].values():
         assert stats["median_ms"] > 0 and stats["images_per_s"] > 0

@@ -7,7 +7,10 @@ Steps, all built by `rd_keras.distill.build_train_step` (the trainer's builder) 
 - `rd_joint`: the RD step with the teacher trained alongside (plain forward + one backward through every
   hybrid path + the teacher's own supervised update);
 - `rd_pretrained`: the RD step with a frozen teacher (no teacher update; gradients still flow through its
-  later stages into the plain net).
+  later stages into the plain net);
+- `kd`: knowledge distillation from the frozen teacher, no hybrid path (plain forward and backward + one
+  teacher forward): the baseline RD is compared with;
+- `rd_kd`: `rd_pretrained` plus that KD term on the plain logits.
 
 Each runs with and without XLA (`jit_compile`) and under each `--precisions` Keras dtype policy;
 `mixed_float16` steps use a `LossScaleOptimizer`, as the trainer does. Each (precision, XLA) combination
@@ -19,6 +22,7 @@ costlier than training the ResNet alone).
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -28,7 +32,7 @@ import numpy as np
 from rd_keras import defaults
 from rd_keras.bench import common
 
-KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained")
+KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained", "kd", "rd_kd")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("off", "on")
 # The trainer's defaults (rd_keras.defaults, as in configs/common.py): SGD with Nesterov momentum and L2 decay.
@@ -120,7 +124,9 @@ def build_step(kind, pair, settings, precision, jit):
     else:
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
-        paths = hybrid.build_paths(plain, teacher, settings["hybrid_points"])
+        paths = hybrid.build_paths(plain, teacher, hybrid.NONE if kind == "kd" else settings["hybrid_points"])
+        if kind in ("kd", "rd_kd"):
+            cfg = dataclasses.replace(cfg, logit_kd_alpha=1.0)
         trained = [plain, teacher] if joint else [plain]
         updates = [distill.Update("total", _optimizer(precision), plain.trainable_variables)]
         if joint:
