@@ -46,7 +46,10 @@ def _run_channels(workdir):
 
 def _teacher_channels(path):
     """As `teacher.resolve` finds the teacher at `path`: a keras.applications name, a .keras file, a workdir
-    (its resnet.keras, else its checkpoints) or a checkpoint prefix `W/checkpoints/ckpt-N`."""
+    (its resnet.keras, else its checkpoints) or a checkpoint prefix `W/checkpoints/ckpt-N`. None for no path:
+    the two-phase recipe trains its teacher on this same data."""
+    if not path:
+        return None
     if pretrained.is_application(path):
         return 3
     path = os.path.expanduser(path)

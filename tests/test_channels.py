@@ -53,6 +53,7 @@ def test_every_kind_of_teacher_and_transfer_source_gives_its_channel_count(runs)
 
 def test_runs_from_scratch_unreadable_nets_and_tfds_keep_the_config():
     for config in (fashion_mnist.get_config("smoke"),  # joint teacher: no trained net
+                   config_for("distill", ""),  # the two-phase recipe: its teacher learns on this data
                    config_for("transfer", "/no/such/net.keras"),  # reported, naming it, when the run loads it
                    config_for("distill", "keras.applications.ResNet50", source="tfds")):
         config.data.channels = 2
