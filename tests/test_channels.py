@@ -51,7 +51,9 @@ def test_every_kind_of_teacher_and_transfer_source_gives_its_channel_count(runs)
             assert config.data.channels == expected, (mode, path, source)
 
 
-def test_runs_from_scratch_unreadable_nets_and_tfds_keep_the_config():
+def test_runs_from_scratch_unreadable_nets_and_tfds_keep_the_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run's config.json here must not pass for the two-phase recipe's teacher
+    (tmp_path / wd.CONFIG_FILE).write_text(json.dumps({"dataset": {"image_shape": [16, 16, 1]}}))
     for config in (fashion_mnist.get_config("smoke"),  # joint teacher: no trained net
                    config_for("distill", ""),  # the two-phase recipe: its teacher learns on this data
                    config_for("transfer", "/no/such/net.keras"),  # reported, naming it, when the run loads it
