@@ -1,7 +1,7 @@
-"""Default numbers that more than one place needs, one owner each. configs/common.py builds every run's
+"""Default numbers that more than one place needs, one owner each. rd_keras/configs/common.py builds every run's
 config from these; the export command line, QAT and the bench read the same values here.
 
-A number a single config owns (epochs, blend schedule, ...) stays in configs/common.py with its comment.
+A number a single config owns (epochs, blend schedule, ...) stays in rd_keras/configs/common.py with its comment.
 """
 
 import ml_collections

@@ -2,7 +2,6 @@
 MirroredStrategy, mixed precision, make_plain and the pair check, the schedules, the example script."""
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -16,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from rd_keras import architectures, data, distiller, schedules, train_lib, twins
+from rd_keras.configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE, CLASSES, BATCH = (16, 16, 3), 10, 8
@@ -25,11 +25,7 @@ NET = dict(num_classes=CLASSES, input_shape=SHAPE, width=0.25)
 
 
 def small_config(**overrides):
-    """configs/common.py shrunk to resnet8 x0.25 on 16x16 images; overrides: {"train.lr": 0.1}."""
-    spec = importlib.util.spec_from_file_location("common_for_distiller_tests",
-                                                  os.path.join(ROOT, "configs", "common.py"))
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
+    """rd_keras/configs/common.py shrunk to resnet8 x0.25 on 16x16 images; overrides: {"train.lr": 0.1}."""
     config = common.smoke(common.get_config())
     config.data.update(source="synthetic", name="synthetic", image_size=16, channels=3, batch_size=BATCH,
                        synthetic_examples=INFO.train_examples, augment="none")
