@@ -306,25 +306,33 @@ def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
             train.update({f"grad_norm/hybrid/{s}": [1.0, 0.8] for s in ("stem", "stage1")})
         return {"name": f"d56_{kind}" + (f"_s{seed}" if seed else ""), "depth": 56, "kind": kind,
                 "base": base or kind, "seed": seed, "test_acc": test, "val_acc": val, "teacher_acc": teacher,
-                "final_train_ce": 0.5, "wall_s": 60.0, "reused": False,
+                "final_train_ce": 0.5, "wall_s": 60.0, "total_wall_s": 180.0 if base == "kd" else 60.0,
+                "reused": False, "code_versions": ["git:b" if base == "kd" else "git:a"],
                 "curves": {"epoch": [1, 2], "test_acc": [val - 0.1, val], "train_ce": [1.0, 0.5]},
                 "train_curves": train}
 
     results = [run("resnet", 0, 0.90, 0.91), run("resnet", 1, 0.88, 0.89), run("plain", 0, 0.80, 0.81),
                run("plain", 1, 0.78, 0.79), run("best", 0, 0.88, 0.90, 0.9, "rd_joint"),
-               run("best", 1, 0.86, 0.88, 0.9, "rd_joint")]
+               run("best", 1, 0.86, 0.88, 0.9, "rd_joint"), run("kdv", 0, 0.865, 0.89, 0.9, "kd"),
+               run("kdv", 1, 0.855, 0.87, 0.9, "kd")]
     payload = {"machine": {"date": "d", "cpu": "c", "cpu_cores": 2, "gpus": [], "tensorflow": "t", "keras": "k",
                            "ai_edge_litert": "a", "command": "python -m rd_keras.bench accuracy"},
                "budget": {"config": "c.py", "epochs": 2, "width": 0.5, "train_subset": 0, "batch_size": 128,
                           "lr": 0.1, "warmup_epochs": 1, "blend_epochs": 1.3, "blend_floor": 0.0, "kd_alpha": 0,
                           "data_source": "idx", "overrides": {}, "seeds": [0, 1], "validation_split": 0.1,
-                          "variants": {"best": {"run": "rd_joint", "model.dirac": "True"}}},
+                          "variants": {"best": {"run": "rd_joint", "model.dirac": "True"},
+                                       "kdv": {"run": "kd", "model.dirac": "True"}}},
                "results": results, "summary": bench_accuracy.aggregate(results)}
     text = accuracy_report.section(payload, "img", curves="c.png", grad_norms="g.png")
     assert "| 56 | variant `best` | 2 | 89.00 (88.00–90.00) | 87.00 (86.00–88.00) |" in text
     assert "| 90 | 80 |" in text  # gap closed: (89 - 80) / (90 - 80) on validation, (87 - 79) / (89 - 79) on test
     assert "- `best`: rd_joint with `model.dirac=True`" in text and "![learning curves](img/c.png)" in text
     assert "the best RD run by validation accuracy, variant `best`, reaches 87.00%" in text
+    # Hybrid paths against KD, seed by seed; wall time with the teacher's; code versions named.
+    assert ("Depth 56, hybrid paths against KD: variant `best` 87.00% vs variant `kdv` 86.00% (test means); "
+            "per seed (same teacher) +1.50, +0.50 points, mean +1.00 over 2 seed(s).") in text
+    assert "| 3 |" in text.split("variant `kdv`")[1].split("\n")[0]  # 180 s = 3 min, teacher included
+    assert "Code versions of these runs: git:a; git:b (the rows come from different versions)." in text
     assert accuracy_report.plot_grad_norms(payload, str(tmp_path / "g.png"))
     accuracy_report.plot_curves(payload, str(tmp_path / "c.png"))
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0

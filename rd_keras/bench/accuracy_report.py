@@ -52,10 +52,11 @@ def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.p
     summary = sorted(_summary(payload), key=lambda r: -r["depth"])
     rows = [[r["depth"], label(r["kind"]), len(r["seeds"]), _spread(r.get("val_acc")) if validated else None,
              _spread(r.get("test_acc")), _spread(r.get("teacher_acc")),
-             _pct(r.get("gap_closed_val_acc")) if validated else None, _pct(r.get("gap_closed_test_acc"))]
+             _pct(r.get("gap_closed_val_acc")) if validated else None, _pct(r.get("gap_closed_test_acc")),
+             r["total_wall_s"]["mean"] / 60 if r.get("total_wall_s") else None]
             for r in summary]
     header = ["depth", "run", "seeds", "val acc %", "test acc %", "teacher test acc %", "gap closed % (val)",
-              "gap closed % (test)"]
+              "gap closed % (test)", "wall min, teacher's included (mean)"]
     runs = [[r["depth"], r["name"], r.get("seed", 0), "failed" if r.get("failed") else _pct(r.get("val_acc")),
              _pct(r.get("test_acc")), _pct(r.get("teacher_acc")), r.get("final_train_ce"),
              None if r.get("failed") else r["wall_s"] / 60] for r in payload["results"]]
@@ -82,9 +83,13 @@ def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.p
         parts.append("Variants (config overrides on top of the named run):\n\n" + "\n".join(
             f"- `{name}`: {v['run']} with " + ", ".join(f"`{k}={val}`" for k, val in v.items() if k != "run")
             for name, v in variants.items()))
+    versions = sorted({" + ".join(r.get("code_versions") or ["unrecorded"]) for r in payload["results"]
+                       if not r.get("failed")})
     parts += ["Every run:", md_table(runs, ["depth", "run", "seed", "val acc %", "test acc %",
                                              "teacher test acc %", "final train CE", "wall min"]),
-              "\n".join(f"- {v}" for v in verdicts(summary)),
+              f"Code versions of these runs: {'; '.join(versions)}"
+              + (" (the rows come from different versions)." if len(versions) > 1 else "."),
+              "\n".join(f"- {v}" for v in verdicts(summary) + paired_comparisons(payload)),
               f"![learning curves]({img}/{curves})"]
     if grad_norms:
         parts.append(f"![gradient norms per stage]({img}/{grad_norms})")
@@ -113,6 +118,38 @@ def verdicts(summary):
             if best.get("gap_closed_test_acc") is not None:
                 text += f", {100 * best['gap_closed_test_acc']:.0f}% of the gap closed"
             text += ")"
+        out.append(text + ".")
+    return out
+
+
+def paired_comparisons(payload):
+    """Per depth, the best hybrid-path run against the best KD run (each chosen by validation accuracy, with
+    the variants' base runs telling which is which), compared seed by seed: both of a seed distil from the
+    same teacher, so the per-seed difference removes the teacher's share of the spread."""
+    bases = {name: v["run"] for name, v in (payload["budget"].get("variants") or {}).items()}
+    summary = _summary(payload)
+    out = []
+    for depth in sorted({r["depth"] for r in summary}, reverse=True):
+        rows = [r for r in summary if r["depth"] == depth and r.get("test_acc")]
+        key = "val_acc" if all(r.get("val_acc") for r in rows) else "test_acc"
+
+        def best(kinds):
+            chosen = [r for r in rows if bases.get(r["kind"], r["kind"]) in kinds]
+            return max(chosen, key=lambda r: r[key]["mean"]) if chosen else None
+
+        rd, kd = best(("rd_pretrained", "rd_joint")), best(("kd",))
+        if not rd or not kd:
+            continue
+        runs = {(r["kind"], r.get("seed", 0)): r for r in payload["results"]
+                if r["depth"] == depth and not r.get("failed")}
+        diffs = [100 * (runs[(rd["kind"], s)]["test_acc"] - runs[(kd["kind"], s)]["test_acc"])
+                 for s in sorted(set(rd["seeds"]) & set(kd["seeds"]))]
+        text = (f"Depth {depth}, hybrid paths against KD: {label(rd['kind'])} "
+                f"{100 * rd['test_acc']['mean']:.2f}% vs {label(kd['kind'])} {100 * kd['test_acc']['mean']:.2f}% "
+                f"(test means)")
+        if diffs:
+            text += (f"; per seed (same teacher) {', '.join(f'{d:+.2f}' for d in diffs)} points, mean "
+                     f"{sum(diffs) / len(diffs):+.2f} over {len(diffs)} seed(s)")
         out.append(text + ".")
     return out
 
