@@ -183,8 +183,9 @@ def rd_config(weights, **overrides):
     ({"teacher.path": "keras.applications.ResNet101"}, teacher.TeacherError,
      r"holds another network.*\n  weights .*the layout of keras.applications.ResNet50\n  teacher keras.applications"
      r".ResNet101"),
-    ({"data.channels": 1}, train_lib.ConfigError, r"normalization='caffe' is for RGB images \(3 channels\), these "
-     r"have 1"),
+    # Synthetic and folder data are made RGB for the teacher; IDX images cannot be.
+    ({"data.source": "idx", "data.name": "fashion_mnist"}, train_lib.ConfigError,
+     r"config.teacher.path='keras.applications.ResNet50' takes 3-channel images, but IDX images"),
 ])
 def test_a_teacher_that_does_not_fit_fails_before_anything_is_written(resnet50_10, tmp_path, overrides, error,
                                                                          message):

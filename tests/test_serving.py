@@ -375,7 +375,7 @@ def test_dev_server_command_line_and_config(capsys):
     assert exit_.value.code == 0 and "--model_config_file" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         dev_server.parse_args(["--port=8500"])  # neither a base path nor a config file
-    config = os.path.join(os.path.dirname(__file__), "..", "serving", "models.config")
+    config = os.path.join(os.path.dirname(dev_server.__file__), "models.config")  # shipped in the wheel
     assert dev_server.read_model_config(config) == {"plain": "/models/plain"}
 
 
