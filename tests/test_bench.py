@@ -336,3 +336,16 @@ def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
     assert accuracy_report.plot_grad_norms(payload, str(tmp_path / "g.png"))
     accuracy_report.plot_curves(payload, str(tmp_path / "c.png"))
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_finished_run_is_reused_from_another_checkout_but_not_for_other_flags(tmp_path):
+    run = {"workdir": str(tmp_path), "command": ["/venv/bin/python", "/repo/train.py", "--config=c.py",
+                                                 "--config.train.epochs=2"]}
+    record = {"returncode": 0, "wall_s": 1.0,
+              "command": "/other/bin/python /elsewhere/train.py --config=c.py --config.train.epochs=2"}
+    (tmp_path / bench_accuracy.DONE_FILE).write_text(json.dumps(record))
+    assert bench_accuracy._finished(run)["wall_s"] == 1.0
+    record["command"] = record["command"].replace("epochs=2", "epochs=3")
+    (tmp_path / bench_accuracy.DONE_FILE).write_text(json.dumps(record))
+    with pytest.raises(bench_common.FlagError, match="holds a finished run of another command"):
+        bench_accuracy._finished(run)

@@ -199,9 +199,15 @@ def plan(args):
 # ----------------------------------------------------------------------------- running
 
 
+def _flags(command: str) -> str:
+    """A run's command line without the interpreter and the script path: where a checkout lives does not
+    change the run (the code that trained it is recorded apart, as its workdir's code versions)."""
+    return command.split(" ", 2)[2] if command.count(" ") >= 2 else command
+
+
 def _finished(run):
-    """The done-record of a finished run of exactly this command, else None; a finished run of another
-    command (other budget or config) is an error, never silently reused."""
+    """The done-record of a finished run of this command, else None; a finished run of another command
+    (other budget or config) is an error, never silently reused."""
     path = os.path.join(run["workdir"], DONE_FILE)
     if not os.path.isfile(path):
         return None
@@ -209,7 +215,7 @@ def _finished(run):
         done = json.load(f)
     if done.get("returncode") != 0:
         return None
-    if done.get("command") != " ".join(run["command"]):
+    if _flags(done.get("command", "")) != _flags(" ".join(run["command"])):
         raise common.FlagError(f"{run['workdir']!r} holds a finished run of another command:\n  {done.get('command')}"
                                f"\nnot\n  {' '.join(run['command'])}\nRemove it or choose another --out.")
     return done
