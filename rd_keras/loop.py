@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from rd_keras import checkpointing, distill
+from rd_keras import checkpointing, steps
 from rd_keras import workdir as wd
 from rd_keras.errors import NonFiniteLossError, WorkdirError  # noqa: F401
 
@@ -58,7 +58,7 @@ class TrainLoop:
         self.config, self.workdir, self.setup, self.chief = config, workdir, setup, chief
         self.task = checkpointing.task_name(strategy)
         # Host-side decisions all workers must share go through a collective; one worker decides alone.
-        self._cross_sum = distill.build_cross_replica_sum(strategy) if isinstance(
+        self._cross_sum = steps.build_cross_replica_sum(strategy) if isinstance(
             strategy, tf.distribute.MultiWorkerMirroredStrategy) else None
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = config.train.epochs * steps_per_epoch
@@ -90,7 +90,8 @@ class TrainLoop:
         self._pending = []
         interval = {}
         for step, values in fetched:
-            bad = sorted(k for k, v in values.items() if not math.isfinite(v))
+            # Gradient norms are diagnostics, measured after the update: they never trigger the NaN policy.
+            bad = sorted(k for k, v in values.items() if not math.isfinite(v) and not k.startswith("grad_norm/"))
             if values.pop("skipped", 0.0) > 0:
                 self._skipped += 1
                 self._print(f"step {step}: update skipped, non-finite {bad or 'gradients'} "
@@ -155,7 +156,7 @@ class TrainLoop:
     def _evaluate(self, eval_data, step):
         """One metrics record: `acc` and `loss` of the delivered net (the plain one when distilling), under
         its role (`plain_acc` / `resnet_acc`), plus `teacher_acc` and `hybrid_acc` when distilling."""
-        result = distill.evaluate(self.setup.eval_step, eval_data)
+        result = steps.evaluate(self.setup.eval_step, eval_data)
         role = "plain" if "plain" in self.setup.trained else "resnet"
         record = {"step": step, "epoch": step // self.steps_per_epoch, "acc": result["acc"],
                   "loss": result["loss"], f"{role}_acc": result["acc"]}
@@ -163,7 +164,7 @@ class TrainLoop:
             record.update(teacher_acc=result["teacher_acc"], hybrid_acc=result["hybrid_acc"])
         if step == self.total_steps and self._test_data is not None:
             # Runs that choose on a validation split see the test set once, at the very end.
-            test = distill.evaluate(self.setup.eval_step, self._test_data)
+            test = steps.evaluate(self.setup.eval_step, self._test_data)
             record.update({f"test_{k}": v for k, v in test.items()})
         return record
 
@@ -230,7 +231,7 @@ class TrainLoop:
                                   unit="step", disable=not (self.chief and t.progress), file=sys.stderr)
             with self._bar:
                 while step < run_end:
-                    diagnose = t.grad_norms and distill.is_diagnostic_step(step, t.log_every_steps)
+                    diagnose = t.grad_norms and steps.is_diagnostic_step(step, t.log_every_steps)
                     self._pending.append((step, self.setup.train_step(iterator, diagnose=diagnose)))
                     step += 1
                     self._bar.update(1)

@@ -177,7 +177,7 @@ def synthetic_config(**overrides):
 @pytest.mark.parametrize("key, value, message", [
     ("train.nan_policy", "maybe", "'maybe'"),
     ("model.arch", "resnet9", "6n\\+2"),
-    ("teacher.mode", "pretrained", "teacher.path"),
+    ("teacher.joint_update", "later", "'later'"),
 ])
 def test_bad_config_fails_before_touching_the_workdir(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):
