@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rd_keras import configs, train_lib
+from rd_keras import configs, train_lib, workdir
 from rd_keras.errors import RDError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -108,6 +108,7 @@ def _main(argv):
 
 def main():
     """The command line (`rd-keras-train`, `python train.py`)."""
+    workdir.code_version()  # the code just imported, before the checkout can change under a long run
     # absl's --help prints the __main__ module's docstring and the flags it counts as that module's own.
     sys.modules["__main__"].__doc__ = __doc__
     for flag in (_CONFIG, _WORKDIR):

@@ -22,6 +22,7 @@ the restored checkpoint when a run starts (`trim_metrics`).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -195,9 +196,11 @@ def check_workdir(workdir: str, config) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
 def code_version() -> str:
     """The code that is running: `git describe --always --dirty` of the checkout rd_keras is imported
-    from, else the installed package version."""
+    from, else the installed package version. Read once per process (train_lib.run asks first thing), so
+    that an edit to the checkout while a run trains is not taken for the code it runs."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
     try:
         described = subprocess.run(["git", "-C", package_dir, "describe", "--always", "--dirty", "--abbrev=12"],
