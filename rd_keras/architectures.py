@@ -209,7 +209,7 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
             changes_shape = stride != 1 or x.shape[-1] != out_channels
             keep = shortcuts == "all" or (shortcuts == "downsample" and changes_shape)
             x = residual_block(x, kind=spec.block, filters=filters, stride=stride, shortcut=keep,
-                               prefix=f"stage{i}_block{j}",
+                               prefix=block_prefix(i, j),
                                out_name=_block_output_name(i, j, blocks),
                                dirac=dirac, bottleneck_stride=bottleneck_stride,
                                bn_epsilon=bn_epsilon)
@@ -220,9 +220,57 @@ def build(arch: str, *, shortcuts: str = "all", num_classes: int = 10, input_sha
     return keras.Model(inputs, endpoints, name=name)
 
 
+# --- layer names: written and parsed here only ------------------------------------------------------------
+
+_BLOCK_OUTPUT = re.compile(r"stage(\d+)(?:_block(\d+)_out)?")
+_PART = re.compile(r"(stem|stage\d+|logits)")
+
+
+def block_prefix(stage: int, block: int) -> str:
+    """The prefix of every layer of block `block` of stage `stage` (1-based): 'stage2_block1'."""
+    return f"stage{stage}_block{block}"
+
+
 def _block_output_name(stage, block, blocks_in_stage):
     # The last block's output is the stage endpoint.
-    return f"stage{stage}" if block == blocks_in_stage else f"stage{stage}_block{block}_out"
+    return f"stage{stage}" if block == blocks_in_stage else f"{block_prefix(stage, block)}_out"
+
+
+def parse_block_output(name: str):
+    """(stage, block) of a block-output layer name ('stage2_block3_out' -> (2, 3)); the stage endpoint
+    'stage2' gives (2, None); any other name None."""
+    match = _BLOCK_OUTPUT.fullmatch(name)
+    if not match:
+        return None
+    stage, block = match.groups()
+    return int(stage), int(block) if block else None
+
+
+def is_stage_endpoint(name: str) -> bool:
+    """Whether `name` is the layer ending a stage ('stage3'), as opposed to one ending an inner block."""
+    parsed = parse_block_output(name)
+    return parsed is not None and parsed[1] is None
+
+
+def stage_index(layer_name: str):
+    """0 for the stem's layers, i for stage i's, None for the head (pooling and logits)."""
+    if layer_name.startswith("stem"):
+        return 0
+    match = re.match(r"stage(\d+)", layer_name)
+    return int(match.group(1)) if match else None
+
+
+def part_of(layer_name: str) -> str:
+    """The part of a built net a layer belongs to: `stem`, `stage{i}` or `logits`; 'other' for the rest."""
+    match = _PART.match(layer_name)
+    return match.group(1) if match else "other"
+
+
+def blocks_per_stage(model) -> tuple:
+    """The number of residual blocks in each stage of a model of `build`, read off its layer names."""
+    names = {layer.name for layer in model.layers}
+    return tuple(len({j for j in range(1, len(names) + 1) if f"{block_prefix(i, j)}_conv1" in names})
+                 for i in range(1, num_stages(model) + 1))
 
 
 def block_output_names(arch: str) -> list[str]:
@@ -233,9 +281,9 @@ def block_output_names(arch: str) -> list[str]:
 
 def endpoint_names(model) -> list[str]:
     """["stem", "stage1", ..., "stageN"] of a model made by `build`."""
-    names = {layer.name for layer in model.layers}
-    stages = sorted((n for n in names if re.fullmatch(r"stage\d+", n)), key=lambda n: int(n[5:]))
-    return ["stem", *stages]
+    stages = sorted((parse_block_output(layer.name)[0] for layer in model.layers
+                     if is_stage_endpoint(layer.name)))
+    return ["stem", *(f"stage{i}" for i in stages)]
 
 
 def num_stages(model) -> int:
@@ -257,3 +305,49 @@ def options_of(model) -> dict:
     return {"bottleneck_stride": "1x1" if v1 else "3x3",
             "stem_padding": "symmetric" if "stem_pad" in names else "same",
             "bn_epsilon": float(model.get_layer("stem_bn").epsilon)}
+
+
+def signature(model):
+    """The name and shape of every weight, in order: two nets of one build have the same."""
+    return [(w.path, tuple(w.shape)) for w in model.weights]
+
+
+def stem_of(model) -> str:
+    """The stem kind of a model of `build`: 'cifar' (a 3x3 stem conv) or 'imagenet'."""
+    return "cifar" if tuple(model.get_layer("stem_conv").kernel_size) == (3, 3) else "imagenet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The `build` arguments that rebuild a net (all but input shape and class count)."""
+
+    arch: str
+    shortcuts: str
+    width: float
+    stem: str
+    dirac: bool
+    options: tuple = ()  # (name, value) of the builder options (bottleneck_stride, stem_padding, bn_epsilon)
+
+    @property
+    def role(self) -> str:
+        """Which file of a workdir the net goes to: 'plain' or 'resnet'."""
+        return "resnet" if self.shortcuts == "all" else "plain"
+
+
+def recipe_of(model) -> Recipe:
+    """Reads the build arguments off a net of `build` named resnet<D> or plain<D> (a saved and reloaded
+    `.keras` model carries none); raises ValueError for other names. Callers rebuilding from it check the
+    result weight by weight."""
+    match = re.fullmatch(r"(?:resnet|plain)(\d+)", model.name)
+    if not match:
+        raise ValueError(f"{model.name!r} is not a net of rd_keras.architectures (resnet<D> or plain<D>).")
+    arch = f"resnet{match.group(1)}"
+    spec = get_spec(arch)
+    names = [layer.name for layer in model.layers]
+    shortcuts = "all" if any(n.endswith("_add") for n in names) else (
+        "downsample" if any(n.endswith("_proj_conv") for n in names) else "none")
+    # The widest layer gives the channel multiplier with the least rounding error.
+    last = model.get_layer(block_output_names(arch)[-1]).output.shape[-1]
+    width = last / (spec.widths[-1] * (4 if spec.block == "bottleneck" else 1))
+    dirac = any(isinstance(layer, DiracConv2D) for layer in model.layers)
+    return Recipe(arch, shortcuts, width, stem_of(model), dirac, tuple(options_of(model).items()))

@@ -44,7 +44,10 @@ def data_config():
 LR = 0.1  # SGD learning rate for the global batch size data.batch_size
 MOMENTUM = 0.9
 NESTEROV = True
-WEIGHT_DECAY = 5e-4  # L2: loss += wd/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
+WEIGHT_DECAY = 5e-4  # L2: loss += weight_decay/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
+
+# --- the teacher (config.teacher.mode; ResidualDistiller's teacher_mode) -----------------------------------
+TEACHER_MODES = ("joint", "pretrained")  # trained alongside its student, or loaded and frozen
 
 # --- export: config.export and `python -m rd_keras.export` -----------------------------------------------
 MODEL_NAME = "plain"  # TF Serving model name (directory under export/saved_model/)

@@ -6,8 +6,8 @@
     distiller.fit(train_ds, validation_data=eval_ds, epochs=30, callbacks=[...])
     distiller.student  # the trained plain net, to save as W/plain.keras and export
 
-`train_step` is the trainer's step (`distill.build_train_step`) in Keras' shape: the objective is
-`distill.distill_losses` itself, over the paths of `hybrid.build_paths`, so the two can never disagree. One
+`train_step` is the trainer's step (`steps.build_train_step`) in Keras' shape: the objective is
+`losses.distill_losses` itself, over the paths of `hybrid.build_paths`, so the two can never disagree. One
 update of the student by `optimizer`. The teacher is frozen by default (`teacher_mode="pretrained"`, as in
 `keras.distillation.Distiller`); `teacher_mode="joint"` also trains it, on its own CE, by
 `teacher_optimizer`. The blend weight m(t) is a schedule of the student optimizer's `iterations`, as the
@@ -27,13 +27,14 @@ import numbers
 import keras
 import tensorflow as tf
 
-from rd_keras import distill, hybrid, twins
+from rd_keras import hybrid, losses, steps, twins
+from rd_keras.defaults import TEACHER_MODES
+from rd_keras.errors import in_range, interval
 
-TEACHER_MODES = ("joint", "pretrained")
 
 
 class _Recording:
-    """Stands in for a model inside `distill.distill_losses` and keeps what each call returned (keyed by
+    """Stands in for a model inside `losses.distill_losses` and keeps what each call returned (keyed by
     its `training` flag): the step reports accuracies of the logits the objective already computed,
     instead of running the nets a second time. Every other attribute is the model's own."""
 
@@ -49,15 +50,9 @@ class _Recording:
 
 
 def _number(value, name, low=0.0, high=float("inf"), low_open=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value <= high and (
-        value > low if low_open else value >= low)
-    if not ok:
-        raise ValueError(f"`{name}` must be a number in {'(' if low_open else '['}{low}, {high}]. "
+    if not in_range(value, low, high, kinds=numbers.Real, low_open=low_open):
+        raise ValueError(f"`{name}` must be a number in {interval(low, high, low_open)}. "
                          f"Received: {name}={value!r}")
-
-
-def _loss_scaled(optimizer, loss):
-    return optimizer.scale_loss(loss) if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) else loss
 
 
 @keras.saving.register_keras_serializable(package="rd_keras")
@@ -71,7 +66,7 @@ class ResidualDistiller(keras.Model):
             `teacher.trainable = False`) or "joint" (trained alongside on its own CE, by `teacher_optimizer`).
         hybrid_points: "stages", "every_k_blocks:K" or "b1,b2,..." (see `rd_keras.hybrid`).
         blend: m(t), a number or a schedule of the step (`rd_keras.BlendSchedule`).
-        kd_alpha, temperature, weight_decay, normalize: as `distill.LossConfig`; `weight_decay` is the L2
+        kd_alpha, temperature, weight_decay, normalize: as `losses.LossConfig`; `weight_decay` is the L2
             term of the objective (give the optimizers none of their own).
     """
 
@@ -98,8 +93,8 @@ class ResidualDistiller(keras.Model):
             teacher.trainable = False
         self.teacher, self.student = teacher, student
         self.teacher_mode, self.hybrid_points, self.blend = teacher_mode, hybrid_points, blend
-        self.loss_config = distill.LossConfig(global_batch_size=None, weight_decay=weight_decay,
-                                              temperature=temperature, kd_alpha=kd_alpha, normalize=normalize)
+        self.loss_config = losses.LossConfig(global_batch_size=None, weight_decay=weight_decay,
+                                             temperature=temperature, kd_alpha=kd_alpha, normalize=normalize)
         self.paths = hybrid.build_paths(student, teacher, hybrid_points)
         self.teacher_optimizer = None
         self._teacher_optimizer_arg = None
@@ -206,9 +201,9 @@ class ResidualDistiller(keras.Model):
         if joint:
             updates.append((self.teacher_optimizer, "teacher_total", self.teacher.trainable_variables))
         with tf.GradientTape(persistent=joint) as tape:
-            terms = distill.distill_losses(paths, teacher, images, labels, blend=blend, cfg=self.loss_config,
-                                           joint=joint)
-            objectives = [_loss_scaled(opt, terms[key]) for opt, key, _ in updates]
+            terms = losses.distill_losses(paths, teacher, images, labels, blend=blend, cfg=self.loss_config,
+                                          joint=joint)
+            objectives = [steps.scale_loss(opt, terms[key]) for opt, key, _ in updates]
         grads = [tape.gradient(obj, variables) for obj, (_, _, variables) in zip(objectives, updates)]
         for g, (opt, _, variables) in zip(grads, updates):
             opt.apply(g, variables)
@@ -236,7 +231,7 @@ class ResidualDistiller(keras.Model):
         images, labels = self._unpack(data)
         out = self.paths.taps(images, training=False)
         t = self.eval_trackers
-        t["loss"].update_state(distill.cross_entropy(labels, out["logits"]))
+        t["loss"].update_state(losses.cross_entropy(labels, out["logits"]))
         t["accuracy"].update_state(labels, out["logits"])
         for i, logits in enumerate(self.paths.logits(out), start=1):
             t[f"hybrid_{i}_accuracy"].update_state(labels, logits)

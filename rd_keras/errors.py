@@ -48,3 +48,15 @@ class FlagError(RDError, ValueError):
 
 class NonFiniteLossError(RDError, FloatingPointError):
     """A loss (or a weight) became NaN or Inf under `train.nan_policy='stop'`."""
+
+
+def in_range(value, low, high=float("inf"), *, kinds=(int, float), low_open=False) -> bool:
+    """Whether `value` is a number of `kinds` (never a bool) in [low, high], or (low, high] with `low_open`:
+    the range check of every numeric setting (train_lib.validate, ResidualDistiller)."""
+    return isinstance(value, kinds) and not isinstance(value, bool) and value <= high and (
+        value > low if low_open else value >= low)
+
+
+def interval(low, high=float("inf"), low_open=False) -> str:
+    """'[0, 1]' or '(0, inf]', as the errors of `in_range` checks write it."""
+    return f"{'(' if low_open else '['}{low}, {high}]"

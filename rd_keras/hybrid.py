@@ -29,14 +29,9 @@ NONE = "none"  # no hybrid path: the teacher reaches the plain net only through 
 def block_outputs(model) -> list[str]:
     """Names of the layers that end each residual block, in order: `stage{i}_block{j}_out`, or `stage{i}`
     for the last block of stage i (as `architectures.build` names them)."""
-    names = [layer.name for layer in model.layers]
-    out = [n for n in names if re.fullmatch(r"stage\d+(_block\d+_out)?", n)]
-
-    def order(name):
-        stage, block = re.fullmatch(r"stage(\d+)(?:_block(\d+)_out)?", name).groups()
-        return int(stage), int(block) if block else float("inf")
-
-    return sorted(out, key=order)
+    parsed = {layer.name: architectures.parse_block_output(layer.name) for layer in model.layers}
+    out = [name for name, found in parsed.items() if found]
+    return sorted(out, key=lambda name: (parsed[name][0], parsed[name][1] or float("inf")))
 
 
 def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str]:
@@ -50,7 +45,7 @@ def hybrid_points(blocks, spec: str = STAGES, name: str = "the net") -> list[str
     if spec == NONE:
         return []
     if spec == STAGES:
-        chosen = [i for i, name in enumerate(blocks[:-1], start=1) if "_block" not in name]
+        chosen = [i for i, name in enumerate(blocks[:-1], start=1) if architectures.is_stage_endpoint(name)]
     elif spec.startswith("every_k_blocks:"):
         k = spec.partition(":")[2]
         if not k.isdigit() or int(k) < 1:

@@ -52,6 +52,11 @@ def application_name(path: str) -> str:
     return name
 
 
+def arch_of(path: str) -> str:
+    """Our architecture name of the keras.applications net `path` ('keras.applications.ResNet50' -> 'resnet50')."""
+    return APPLICATIONS[application_name(path)]
+
+
 def _head_width(spec) -> int:
     return spec.widths[-1] * 4
 
@@ -148,7 +153,7 @@ def layer_pairs(arch: str):
     pairs = [("stem_conv", "stem_bn", "conv1_conv", "conv1_bn")]
     for i, blocks in enumerate(architectures.get_spec(arch).blocks, start=1):
         for j in range(1, blocks + 1):
-            ours, theirs = f"stage{i}_block{j}", f"conv{i + 1}_block{j}"
+            ours, theirs = architectures.block_prefix(i, j), f"conv{i + 1}_block{j}"
             if j == 1:
                 pairs.append((f"{ours}_proj_conv", f"{ours}_proj_bn", f"{theirs}_0_conv", f"{theirs}_0_bn"))
             pairs += [(f"{ours}_conv{k}", f"{ours}_bn{k}", f"{theirs}_{k}_conv", f"{theirs}_{k}_bn")
@@ -220,34 +225,3 @@ def load(path: str, weights: str = IMAGENET, *, num_classes: int | None = None, 
     model = convert(source, APPLICATIONS[name], input_shape=input_shape, shortcuts=shortcuts)
     del source
     return model
-
-
-def check_config(config):
-    """Refuses a config whose model or normalisation cannot be the twin of its keras.applications teacher,
-    naming both sides; touches no file. A no-op for other teachers (whose `teacher.weights` must be empty)."""
-    t = config.teacher
-    weights = t.get("weights", "")
-    if not is_application(t.path):
-        if weights:
-            raise PretrainedError(f"config.teacher.weights={weights!r} applies to {PREFIX}<Name> teachers only; "
-                                  f"config.teacher.path={t.path!r} brings its own weights.")
-        return
-    arch, m = APPLICATIONS[application_name(t.path)], config.model
-    wanted = {"model.arch": arch, "model.width": 1.0, "model.stem": "imagenet",
-              "data.normalization": NORMALIZATION}
-    # "resnet50" and "plain50" name the same spec; model.arch was validated before this runs.
-    given = {"model.arch": arch if architectures.get_spec(m.arch) == architectures.get_spec(arch) else m.arch,
-             "model.width": m.width, "model.stem": m.stem or architectures.get_spec(m.arch).stem,
-             "data.normalization": config.data.get("normalization", "dataset")}
-    bad = [f"config.{k}={given[k]!r} but the teacher needs {wanted[k]!r}" for k in wanted if given[k] != wanted[k]]
-    if bad:
-        raise PretrainedError(f"config.teacher.path={t.path!r} does not fit the config: {'; '.join(bad)}.")
-
-
-def build_options(config) -> dict:
-    """The builder options of the RD student: those of its keras.applications teacher, so that the plain
-    net is the teacher minus its shortcuts, layer for layer; {} for every other teacher."""
-    t = config.teacher
-    if config.train.mode == "distill" and t.mode == "pretrained" and is_application(t.path):
-        return dict(OPTIONS)
-    return {}

@@ -25,15 +25,14 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import (architectures, channels, checkpointing, data, distill, hybrid, pretrained, schedules,
-                      teacher, transfer)
+from rd_keras import (architectures, channels, checkpointing, data, hybrid, losses, pretrained, schedules,
+                      sources, steps, teacher, transfer)
 from rd_keras import workdir as wd
-from rd_keras.errors import ConfigError  # noqa: F401
+from rd_keras.defaults import TEACHER_MODES
+from rd_keras.errors import ConfigError, in_range, interval  # noqa: F401
 from rd_keras.loop import TrainLoop
 
-TRAIN_MODES = ("distill", "supervised", "transfer")
 STUDENT_INITS = ("random", "teacher")
-TEACHER_MODES = ("joint", "pretrained")
 JOINT_UPDATES = ("together", "teacher_first")
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16")
@@ -51,11 +50,9 @@ def _choice(value, allowed, key):
 
 
 def _number(value, key, low, high=float("inf"), integer=False, low_open=False):
-    kind = int if integer else (int, float)
-    ok = isinstance(value, kind) and not isinstance(value, bool) and value <= high and (
-        value > low if low_open else value >= low)
-    bounds = f"{'(' if low_open else '['}{low}, {high}]"
-    _check(ok, f"config.{key} must be {'an integer' if integer else 'a number'} in {bounds}, got {value!r}.")
+    ok = in_range(value, low, high, kinds=int if integer else (int, float), low_open=low_open)
+    _check(ok, f"config.{key} must be {'an integer' if integer else 'a number'} in {interval(low, high, low_open)}, "
+           f"got {value!r}.")
 
 
 def validate(config):
@@ -108,17 +105,14 @@ def validate(config):
     if t.mode == "transfer":
         source = config.transfer["from"]
         _check(isinstance(source, str) and source, f"config.train.mode='transfer' needs config.transfer.from: "
-               f"a .keras file, a workdir or {transfer.APPLICATIONS_PREFIX}<Name>, got {source!r}.")
+               f"a .keras file, a workdir or {pretrained.PREFIX}<Name>, got {source!r}.")
         _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
     if t.mode == "distill":
         _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
         _choice(config.teacher.joint_update, JOINT_UPDATES, "teacher.joint_update")
         _number(d.blend_start_epochs, "distill.blend_start_epochs", 0)
         if config.teacher.mode == "pretrained":
-            try:
-                pretrained.check_config(config)
-            except pretrained.PretrainedError as e:
-                raise ConfigError(str(e)) from None
+            sources.check_teacher_config(config)
         _number(d.temperature, "distill.temperature", 0, low_open=True)
         _number(d.kd_alpha, "distill.kd_alpha", 0)
         _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
@@ -175,11 +169,125 @@ def _optimizer(config, lr_fn):
     return opt
 
 
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every mode's builder gets: the config, the data's info, the strategy, the schedules' step, and
+    the sources (`teacher_source`: a resolved pretrained teacher; `transfer_source`: the loaded net of
+    `transfer.from`). `fresh`: no checkpoint will be restored, so initial weights are copied (a resumed run
+    gets them from its checkpoint)."""
+
+    config: object
+    info: object
+    strategy: object
+    steps_per_epoch: int
+    step: tf.Variable
+    loss_cfg: losses.LossConfig
+    teacher_source: object = None
+    transfer_source: object = None
+    fresh: bool = True
+
+    def net(self, shortcuts, **options):
+        """The configured net with `shortcuts`, for the data's classes and images."""
+        m, info = self.config.model, self.info
+        return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
+                                   input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
+                                   dirac=m.dirac, dirac_beta=m.dirac_beta, **options)
+
+
+@dataclasses.dataclass
+class Nets:
+    """What a mode's builder returns: the nets it trains and how.
+
+    `trained`: role ("plain", "resnet") -> net, in update order, each with its own optimizer minimising the
+    loss term `objectives[i]`; `loss_fn(images, labels)` -> the terms (or a list of such functions, one per
+    update, applied one after the other); `diagnosed` and `diagnosed_terms`: the net and the terms
+    (label -> term names) of the gradient-norm diagnostics; `extras`: name -> function of the step, logged
+    with every step."""
+
+    trained: dict
+    objectives: list
+    loss_fn: object
+    eval_step: object
+    diagnosed: object
+    diagnosed_terms: dict
+    teacher: object = None
+    hybrid_points: tuple = ()
+    extras: dict = dataclasses.field(default_factory=dict)
+
+
+def _one_net(ctx, model, role):
+    """A net trained alone on its cross-entropy (supervised and transfer modes)."""
+    def loss_fn(images, labels):
+        return losses.supervised_losses(model, images, labels, ctx.loss_cfg)
+
+    return Nets({role: model}, ["total"], loss_fn, steps.build_eval_step(ctx.strategy, model), model,
+                {"ce": ["ce"]})
+
+
+def _supervised(ctx) -> Nets:
+    shortcuts = ctx.config.model.supervised_shortcuts
+    return _one_net(ctx, ctx.net(shortcuts), "resnet" if shortcuts == "all" else "plain")
+
+
+def _transfer(ctx) -> Nets:
+    model = transfer.rebuild(ctx.transfer_source, num_classes=ctx.info.num_classes,
+                             input_shape=ctx.info.image_shape, copy=ctx.fresh)
+    transfer.freeze(model, ctx.config.transfer.freeze_stages)
+    return _one_net(ctx, model, transfer.recipe_of(model).role)
+
+
+def _distill(ctx) -> Nets:
+    config, m, d, step = ctx.config, ctx.config.model, ctx.config.distill, ctx.step
+    joint = config.teacher.mode == "joint"
+    # With a keras.applications teacher, the student takes its layer variant.
+    options = {} if joint else sources.build_options(config.teacher.path)
+    plain = ctx.net(m.student_shortcuts, **options)
+    resnet = ctx.net("all", **options) if joint else teacher.load(
+        ctx.teacher_source, model_config=m, num_classes=ctx.info.num_classes, input_shape=ctx.info.image_shape)
+    if m.student_init == "teacher" and ctx.fresh:
+        transfer.copy_shared_weights(resnet, plain)
+    paths = hybrid.build_paths(plain, resnet, d.hybrid_points)
+
+    def blend(s):
+        return schedules.blend_weight(s, steps_per_epoch=ctx.steps_per_epoch, floor=d.blend_floor,
+                                      blend_epochs=d.blend_epochs, start_epochs=d.blend_start_epochs)
+
+    def kd_weight(s):  # KD on the plain logits starts with the hybrid losses
+        start = int(d.blend_start_epochs * ctx.steps_per_epoch)
+        return 1.0 if not start else tf.cast(s >= start, tf.float32)
+
+    teacher_first = joint and config.teacher.joint_update == "teacher_first"
+
+    def student_loss_fn(images, labels):
+        return losses.distill_losses(paths, resnet, images, labels, blend=blend(step), cfg=ctx.loss_cfg,
+                                     joint=joint and not teacher_first, kd_weight=kd_weight(step))
+
+    if teacher_first:  # the teacher's update is applied before the student's forward pass
+        trained, objectives = {"resnet": resnet, "plain": plain}, ["teacher_total", "total"]
+        loss_fn = [lambda images, labels: losses.teacher_losses(resnet, images, labels, ctx.loss_cfg),
+                   student_loss_fn]
+    elif joint:
+        trained, objectives, loss_fn = {"plain": plain, "resnet": resnet}, ["total", "teacher_total"], student_loss_fn
+    else:
+        trained, objectives, loss_fn = {"plain": plain}, ["total"], student_loss_fn
+    terms = {"plain": ["plain_ce"], "hybrid": [f"hybrid_ce_{i}" for i in range(1, len(paths.points) + 1)],
+             "kd": ["logit_kd"] if d.logit_kd_alpha > 0 else []}
+    return Nets(trained, objectives, loss_fn, steps.build_eval_step(ctx.strategy, plain, resnet, paths), plain,
+                {label: names for label, names in terms.items() if names}, teacher=resnet,
+                hybrid_points=paths.points, extras={"blend": blend})
+
+
+# config.train.mode -> the builder of its nets: a new mode is a new function here.
+MODES = {"distill": _distill, "supervised": _supervised, "transfer": _transfer}
+TRAIN_MODES = tuple(MODES)
+
+
 def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, transfer_source=None, fresh=True):
-    """Models, optimizers (built, so their slots exist before the first distributed step) and steps.
-    Call inside `strategy.scope()`. `transfer_source` is the loaded net of `transfer.from`; `fresh` says that
-    no checkpoint will be restored, so initial weights are copied (a resumed run gets them from its checkpoint)."""
-    t, m = config.train, config.model
+    """Models (by the builder of `config.train.mode`, `MODES`), optimizers (built, so their slots exist
+    before the first distributed step) and steps. Call inside `strategy.scope()`. `transfer_source` is the
+    loaded net of `transfer.from`; `fresh` says that no checkpoint will be restored, so initial weights are
+    copied (a resumed run gets them from its checkpoint)."""
+    t = config.train
     step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
     epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
     warmup_steps = int(t.warmup_epochs * steps_per_epoch)
@@ -188,88 +296,29 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         return schedules.warmup_cosine_lr(s, base_lr=t.lr, warmup_steps=warmup_steps,
                                           total_steps=t.epochs * steps_per_epoch)
 
-    def blend(s):
-        return schedules.blend_weight(s, steps_per_epoch=steps_per_epoch, floor=config.distill.blend_floor,
-                                      blend_epochs=config.distill.blend_epochs,
-                                      start_epochs=config.distill.blend_start_epochs)
-
-    def kd_weight(s):  # KD on the plain logits starts with the hybrid losses
-        start = int(config.distill.blend_start_epochs * steps_per_epoch)
-        return 1.0 if not start else tf.cast(s >= start, tf.float32)
-
-    def net(shortcuts):  # with a keras.applications teacher, the student takes its layer variant
-        return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
-                                   input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
-                                   dirac=m.dirac, dirac_beta=m.dirac_beta, **pretrained.build_options(config))
-
-    loss_cfg = distill.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
-                                  temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
-                                  logit_kd_alpha=config.distill.logit_kd_alpha,
-                                  normalize=config.distill.normalize)
-    extras = {"lr": lr_fn}
-    if t.mode in ("supervised", "transfer"):
-        if t.mode == "supervised":
-            model, role = net(m.supervised_shortcuts), "resnet" if m.supervised_shortcuts == "all" else "plain"
-        else:
-            model = transfer.rebuild(transfer_source, num_classes=info.num_classes, input_shape=info.image_shape,
-                                     copy=fresh)
-            transfer.freeze(model, config.transfer.freeze_stages)
-            role = transfer.recipe_of(model).role
-        resnet = None
-        trained = {role: model}
-        objectives = ["total"]
-        sources = {"ce": ["ce"]}
-        diagnosed = model
-
-        def loss_fn(images, labels):
-            return distill.supervised_losses(model, images, labels, loss_cfg)
-
-        eval_step = distill.build_eval_step(strategy, model)
-    else:
-        joint = config.teacher.mode == "joint"
-        plain = net(m.student_shortcuts)
-        resnet = net("all") if joint else teacher.load(
-            teacher_source, model_config=m, num_classes=info.num_classes, input_shape=info.image_shape)
-        if m.student_init == "teacher" and fresh:
-            transfer.copy_shared_weights(resnet, plain)
-        paths = hybrid.build_paths(plain, resnet, config.distill.hybrid_points)
-        trained = {"plain": plain, "resnet": resnet} if joint else {"plain": plain}
-        objectives = ["total", "teacher_total"] if joint else ["total"]
-        extras["blend"] = blend
-        sources = {"plain": ["plain_ce"], "hybrid": [f"hybrid_ce_{i}" for i in range(1, len(paths.points) + 1)],
-                   "kd": ["logit_kd"] if config.distill.logit_kd_alpha > 0 else []}
-        sources = {label: terms for label, terms in sources.items() if terms}
-        diagnosed = plain
-
-        teacher_first = joint and config.teacher.joint_update == "teacher_first"
-
-        def student_loss_fn(images, labels):
-            return distill.distill_losses(paths, resnet, images, labels, blend=blend(step), cfg=loss_cfg,
-                                          joint=joint and not teacher_first, kd_weight=kd_weight(step))
-
-        loss_fn = student_loss_fn
-        if teacher_first:  # the teacher's update is applied before the student's forward pass
-            loss_fn = [lambda images, labels: distill.teacher_losses(resnet, images, labels, loss_cfg),
-                       student_loss_fn]
-            objectives = ["teacher_total", "total"]
-            trained = {"resnet": resnet, "plain": plain}
-
-        eval_step = distill.build_eval_step(strategy, plain, resnet, paths)
+    loss_cfg = losses.LossConfig(global_batch_size=config.data.batch_size, weight_decay=t.weight_decay,
+                                 temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
+                                 logit_kd_alpha=config.distill.logit_kd_alpha,
+                                 normalize=config.distill.normalize)
+    nets = MODES[t.mode](Context(config, info, strategy, steps_per_epoch, step, loss_cfg, teacher_source,
+                                 transfer_source, fresh))
+    extras = {"lr": lr_fn, **nets.extras}
+    trained = nets.trained
     # One optimizer per trained net: each applies only its own net's gradients.
-    updates = [distill.Update(objective, _optimizer(config, lr_fn), model.trainable_variables)
-               for objective, model in zip(objectives, trained.values())]
+    updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables)
+               for objective, model in zip(nets.objectives, trained.values())]
     for u in updates:
         u.optimizer.build(u.variables)
-    train_step = distill.build_train_step(
-        strategy, loss_fn, updates, step=step, nan_skip=t.nan_policy == "skip", jit_compile=t.jit_compile,
+    train_step = steps.build_train_step(
+        strategy, nets.loss_fn, updates, step=step, nan_skip=t.nan_policy == "skip", jit_compile=t.jit_compile,
         state_variables=[v for model in trained.values() for v in model.non_trainable_variables],
         extras_fn=lambda s: {k: f(s) for k, f in extras.items()},
-        grad_norms=distill.GradNorms(diagnosed.trainable_variables, sources)
+        grad_norms=steps.GradNorms(nets.diagnosed.trainable_variables, nets.diagnosed_terms)
         if t.grad_norms else None)
     objects = {"step": step, "epoch": epoch, **trained,
                **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}
-    return Setup(trained, resnet, train_step, eval_step, objects, step, epoch,
-                 paths.points if t.mode == "distill" else ())
+    return Setup(trained, nets.teacher, train_step, eval_step=nets.eval_step, checkpoint_objects=objects,
+                 step=step, epoch=epoch, hybrid_points=nets.hybrid_points)
 
 
 def _distribute(strategy, ds):

@@ -8,6 +8,8 @@ names it:
 - `keras.applications.<Name>` (ResNet50, ResNet101, ResNet152) with `transfer.weights` ("imagenet" or a
   local weights file), converted by `rd_keras.pretrained`; such a net expects `data.normalization="caffe"`.
 
+(`rd_keras.sources` resolves and loads them, use `sources.TRANSFER`.)
+
 The net is rebuilt by `architectures.build` with the source's own architecture (depth, width, stem,
 shortcuts, Dirac convs, builder options, read off the loaded model and checked weight by weight) for the new input shape and
 class count; every weight but the classifier head (`logits`) is copied, the head starts fresh. Rebuilding,
@@ -28,113 +30,36 @@ takes every weight of its ResNet twin whose layer it has, i.e. all but the proje
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import re
-
 import keras
 import numpy as np
 
-from rd_keras import architectures
+from rd_keras import architectures, sources
 from rd_keras.errors import TransferError  # noqa: F401
-from rd_keras.workdir import PLAIN_FILE, RESNET_FILE, saved_model_file
 from rd_keras.dirac import DiracConv2D
 
-APPLICATIONS_PREFIX = "keras.applications."
 HEAD = "logits"
 
 
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    kind: str  # "keras" (a .keras file of ours) or "applications" (a keras.applications name)
-    path: str  # the file, or the application's full name (e.g. "keras.applications.ResNet50")
-    weights: str = ""  # applications only: "imagenet" or a weights file
-
-
-def resolve(path: str, weights: str = "") -> Source:
+def resolve(path: str, weights: str = "") -> sources.Source:
     """What `config.transfer.from` points at, without loading it; raises TransferError naming the path."""
-    if not path:
-        raise TransferError("config.train.mode='transfer' needs config.transfer.from: a plain.keras or "
-                            "resnet.keras file, a workdir of this project, or keras.applications.<Name>.")
-    if path.startswith(APPLICATIONS_PREFIX):
-        return Source("applications", path, weights)
-    path = os.path.expanduser(path)
-    if path.endswith(".keras"):
-        if not os.path.isfile(path):
-            raise TransferError(f"config.transfer.from={path!r}: file not found.")
-        return Source("keras", path)
-    if os.path.isdir(path):
-        # The plain net is what this project deploys, so it wins when a workdir holds both.
-        found = saved_model_file(path, (PLAIN_FILE, RESNET_FILE))
-        if found:
-            return Source("keras", found)
-        raise TransferError(f"config.transfer.from={path!r}: a directory with neither {PLAIN_FILE} nor "
-                            f"{RESNET_FILE} (is it a finished run?).")
-    raise TransferError(f"config.transfer.from={path!r}: not a .keras file, a workdir, or "
-                        f"{APPLICATIONS_PREFIX}<Name>.")
+    return sources.resolve(path, weights, sources.TRANSFER)
 
 
-def _load_application(source):
-    from rd_keras import pretrained
-
-    try:
-        return pretrained.load(source.path, source.weights)
-    except pretrained.PretrainedError as e:  # unknown names, weight files of other nets, no network
-        raise TransferError(f"config.transfer.from={source.path!r} with config.transfer.weights={source.weights!r}: "
-                            f"{e}") from None
-
-
-def load(source: Source) -> keras.Model:
+def load(source: sources.Source) -> keras.Model:
     """The source net as saved (a functional model of `architectures.build`, dict output)."""
-    if source.kind == "applications":
-        return _load_application(source)
-    try:
-        model = keras.saving.load_model(source.path, compile=False)
-        model.get_layer("stem_conv"), model.get_layer(HEAD)
-    except Exception as e:  # a broken or foreign file fails in many ways; report them all the same way
-        raise TransferError(f"config.transfer.from: cannot load {source.path!r} as a model built by "
-                            f"rd_keras.architectures ({type(e).__name__}: {e}).") from None
-    return model
+    return sources.load(source, sources.TRANSFER)
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """The `architectures.build` arguments that rebuild a net (all but input shape and class count)."""
-
-    arch: str
-    shortcuts: str
-    width: float
-    stem: str
-    dirac: bool
-    options: tuple = ()  # (name, value) of the builder options (bottleneck_stride, stem_padding, bn_epsilon)
-
-    @property
-    def role(self) -> str:
-        """Which file of a workdir the fine-tuned net goes to: 'plain' or 'resnet'."""
-        return "resnet" if self.shortcuts == "all" else "plain"
+Recipe = architectures.Recipe
+stage_index = architectures.stage_index
 
 
 def recipe_of(model) -> Recipe:
     """Reads the build arguments off a net of our builder; `rebuild` checks them weight by weight."""
-    match = re.fullmatch(r"(?:resnet|plain)(\d+)", model.name)
-    if not match:
-        raise TransferError(f"{model.name!r} is not a net of rd_keras.architectures (resnet<D> or plain<D>).")
-    arch = f"resnet{match.group(1)}"
-    spec = architectures.get_spec(arch)
-    names = [layer.name for layer in model.layers]
-    shortcuts = "all" if any(n.endswith("_add") for n in names) else (
-        "downsample" if any(n.endswith("_proj_conv") for n in names) else "none")
-    # The widest layer gives the channel multiplier with the least rounding error.
-    last = model.get_layer(architectures.block_output_names(arch)[-1]).output.shape[-1]
-    width = last / (spec.widths[-1] * (4 if spec.block == "bottleneck" else 1))
-    stem = "cifar" if model.get_layer("stem_conv").kernel_size == (3, 3) else "imagenet"
-    dirac = any(isinstance(layer, DiracConv2D) for layer in model.layers)
-    strided = spec.block == "bottleneck" and model.get_layer("stage2_block1_conv1").strides == (2, 2)
-    options = (("bottleneck_stride", "1x1" if strided else "3x3"),
-               ("stem_padding", "symmetric" if "stem_pad" in names else "same"),
-               ("bn_epsilon", float(model.get_layer("stem_bn").epsilon)))
-    return Recipe(arch, shortcuts, width, stem, dirac, options)
+    try:
+        return architectures.recipe_of(model)
+    except ValueError as e:
+        raise TransferError(str(e)) from None
 
 
 def copy_shared_weights(source, target, skip=()):
@@ -173,21 +98,13 @@ def rebuild(source_model, *, num_classes: int, input_shape, copy: bool = True) -
     model = architectures.build(recipe.arch, shortcuts=recipe.shortcuts, num_classes=num_classes,
                                 input_shape=tuple(input_shape), width=recipe.width, stem=recipe.stem,
                                 dirac=recipe.dirac, name=source_model.name, **dict(recipe.options))
-    body = [(w.path, tuple(w.shape)) for w in model.weights if not w.path.startswith(HEAD + "/")]
-    if body != [(w.path, tuple(w.shape)) for w in source_model.weights if not w.path.startswith(HEAD + "/")]:
+    body = [(p, shape) for p, shape in architectures.signature(model) if not p.startswith(HEAD + "/")]
+    if body != [(p, shape) for p, shape in architectures.signature(source_model) if not p.startswith(HEAD + "/")]:
         raise TransferError(f"Cannot rebuild {source_model.name} ({recipe}) with rd_keras.architectures: its "
                             "weights differ from the rebuilt net's.")
     if copy:
         copy_shared_weights(source_model, model, skip=(HEAD,))
     return model
-
-
-def stage_index(layer_name: str):
-    """0 for the stem's layers, i for stage i's, None for the head (pooling and logits)."""
-    if layer_name.startswith("stem"):
-        return 0
-    match = re.match(r"stage(\d+)", layer_name)
-    return int(match.group(1)) if match else None
 
 
 def freeze(model, stages: int) -> list:

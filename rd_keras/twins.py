@@ -12,15 +12,9 @@ teacher offers, and the tensors there (and the inputs) have equal shapes. It fai
 naming the first mismatch and both shapes.
 """
 
-import re
-
 import keras
 
 from rd_keras import architectures, hybrid
-
-
-def _signature(model):
-    return [(w.path, tuple(w.shape)) for w in model.weights]
 
 
 def _layer(model, name, what):
@@ -51,26 +45,24 @@ def builder_arguments(resnet) -> dict:
     logits = _layer(resnet, "logits", "Model")
     names = {layer.name for layer in resnet.layers}
     stages = architectures.num_stages(resnet)
-    blocks = tuple(len({m.group(1) for n in names if (m := re.fullmatch(rf"stage{i}_block(\d+)_conv1", n))})
-                   for i in range(1, stages + 1))
+    blocks = architectures.blocks_per_stage(resnet)
     if not stages or not all(blocks):
         raise ValueError(f"Model {resnet.name!r} has no stage{{i}}_block{{j}} layers: make_plain needs a "
                          f"ResNet built by rd_keras.architectures.build.")
-    kind = "bottleneck" if "stage1_block1_conv3" in names else "basic"
+    kind = "bottleneck" if f"{architectures.block_prefix(1, 1)}_conv3" in names else "basic"
     arch = _arch(kind, blocks, resnet)
     spec = architectures.get_spec(arch)
-    stem = "cifar" if tuple(stem_conv.kernel_size) == (3, 3) else "imagenet"
     base = {"arch": arch, "num_classes": int(logits.units), "input_shape": tuple(resnet.input.shape[1:]),
-            "stem": stem, **architectures.options_of(resnet)}
+            "stem": architectures.stem_of(resnet), **architectures.options_of(resnet)}
     # Channels are round(base * width): the widest stage pins the multiplier best, the others are
     # fallbacks for rounding ties; the rebuild below decides.
-    channels = [(resnet.get_layer(f"stage{i}_block1_conv1").filters, spec.widths[i - 1])
+    channels = [(resnet.get_layer(f"{architectures.block_prefix(i, 1)}_conv1").filters, spec.widths[i - 1])
                 for i in range(stages, 0, -1)] + [(stem_conv.filters, spec.stem_width)]
-    wanted = _signature(resnet)
+    wanted = architectures.signature(resnet)
     for got, nominal in channels:
         width = got / nominal
         rebuilt = architectures.build(shortcuts="all", width=width, name=resnet.name, **base)
-        if _signature(rebuilt) == wanted:
+        if architectures.signature(rebuilt) == wanted:
             return {**base, "width": width}
     raise ValueError(f"Model {resnet.name!r} is not a ResNet of rd_keras.architectures.build "
                      f"(shortcuts='all'): no {arch} of any width has its layers and weight shapes.")

@@ -20,15 +20,18 @@ import time
 import keras
 import numpy as np
 import psutil
-from keras.src.layers.convolutional.base_conv import BaseConv
-from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+# Keras has no public API for the depth of each node of a functional graph (what Function and Model use to
+# order their calls): `map_graph` is the function they call themselves.
 from keras.src.ops.function import map_graph
 
 # Layers that own a fresh output buffer into which TFLite folds a following BatchNormalization
 # (weights absorb it) and a following ReLU/ReLU6/tanh (the kernel's fused activation).
-_FOLDING_ROOTS = (BaseConv, BaseDepthwiseConv, BaseSeparableConv, BaseConvTranspose, keras.layers.Dense)
+# Every public conv layer (the classes built on keras' private BaseConv, BaseConvTranspose, BaseDepthwiseConv
+# and BaseSeparableConv) and Dense.
+_FOLDING_ROOTS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Conv1DTranspose,
+                  keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose, keras.layers.DepthwiseConv1D,
+                  keras.layers.DepthwiseConv2D, keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
+                  keras.layers.Dense)
 # TFLite's fused activation functions (NONE, RELU, RELU_N1_TO_1, RELU6, TANH); softmax etc. are not.
 _FUSABLE_ACTIVATIONS = {"linear", "relu", "relu6", "tanh"}
 _RSS_SAMPLE_S = 0.001

@@ -1,6 +1,6 @@
 """`bench train-step`: training throughput (images/s) of the RD step against ordinary supervised steps.
 
-Steps, all built by `rd_keras.distill.build_train_step` (the trainer's builder) on the same synthetic batch:
+Steps, all built by `rd_keras.steps.build_train_step` (the trainer's builder) on the same synthetic batch:
 
 - `resnet`: the supervised ResNet step (what training the teacher alone costs);
 - `plain`: the supervised plain-net step (the baseline RD is meant to beat in accuracy);
@@ -103,7 +103,7 @@ def build_step(kind, pair, settings, precision, jit):
     """A zero-argument callable running one `kind` training step; models built under `precision`."""
     import tensorflow as tf
 
-    from rd_keras import distill, hybrid
+    from rd_keras import hybrid, losses, steps
 
     batch = settings["batch_size"]
     rng = np.random.default_rng(0)
@@ -111,16 +111,16 @@ def build_step(kind, pair, settings, precision, jit):
     labels = rng.integers(0, pair.num_classes, batch, dtype=np.int32)
     iterator = iter(tf.data.Dataset.from_tensors((images, labels)).repeat())
     strategy = tf.distribute.get_strategy()
-    cfg = distill.LossConfig(global_batch_size=batch, weight_decay=WEIGHT_DECAY, kd_alpha=settings["kd_alpha"])
+    cfg = losses.LossConfig(global_batch_size=batch, weight_decay=WEIGHT_DECAY, kd_alpha=settings["kd_alpha"])
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     if kind in ("resnet", "plain"):
         model = pair.build("all" if kind == "resnet" else "none")
         trained = [model]
-        updates = [distill.Update("total", _optimizer(precision), model.trainable_variables)]
+        updates = [steps.Update("total", _optimizer(precision), model.trainable_variables)]
 
         def loss_fn(x, y):
-            return distill.supervised_losses(model, x, y, cfg)
+            return losses.supervised_losses(model, x, y, cfg)
     else:
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
@@ -128,18 +128,18 @@ def build_step(kind, pair, settings, precision, jit):
         if kind in ("kd", "rd_kd"):
             cfg = dataclasses.replace(cfg, logit_kd_alpha=1.0)
         trained = [plain, teacher] if joint else [plain]
-        updates = [distill.Update("total", _optimizer(precision), plain.trainable_variables)]
+        updates = [steps.Update("total", _optimizer(precision), plain.trainable_variables)]
         if joint:
-            updates.append(distill.Update("teacher_total", _optimizer(precision), teacher.trainable_variables))
+            updates.append(steps.Update("teacher_total", _optimizer(precision), teacher.trainable_variables))
         blend = tf.constant(1.0)  # m(t): its value does not change the work done
 
         def loss_fn(x, y):
-            return distill.distill_losses(paths, teacher, x, y, blend=blend, cfg=cfg, joint=joint)
+            return losses.distill_losses(paths, teacher, x, y, blend=blend, cfg=cfg, joint=joint)
     for u in updates:
         u.optimizer.build(u.variables)
     state = [v for m in trained for v in m.non_trainable_variables]
-    train_step = distill.build_train_step(strategy, loss_fn, updates, step=step, state_variables=state,
-                                          jit_compile=jit)
+    train_step = steps.build_train_step(strategy, loss_fn, updates, step=step, state_variables=state,
+                                        jit_compile=jit)
     return lambda: float(train_step(iterator)["total"])  # float(): wait for the step's result
 
 

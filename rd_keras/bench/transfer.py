@@ -235,8 +235,6 @@ def run(args):
 
 def report_section(payload) -> str:
     """The "Transfer" section of docs/results.md (`bench report`), read off the numbers."""
-    from rd_keras.bench import report as bench_report
-
     b, rows = payload["budget"], {r["net"]: r for r in payload["results"] if not r.get("failed")}
     labels = {"resnet": "ResNet (the RD run's joint teacher)", "plain_rd": "plain + RD", "plain": "plain alone",
               "scratch_resnet": "ResNet, random init", "scratch_plain": "plain, random init"}
@@ -244,7 +242,7 @@ def report_section(payload) -> str:
             for name, r in rows.items()]
     lines = [
         "## Transfer: do RD plain nets fine-tune as well as ResNets?",
-        bench_report.provenance(payload),
+        common.provenance(payload),
         f"Source: ResNet-{b['depth']} and plain-{b['depth']} (width {b['width']}) trained {b['source_epochs']} "
         f"epochs on Fashion-MNIST classes {b['source_classes']} (first {b['source_train_subset'] or 'all'} of "
         f"their training images; source accuracy on their 5,000 test images): one RD run with a joint teacher "
@@ -253,7 +251,7 @@ def report_section(payload) -> str:
         f"fine-tuned by `train.mode=transfer` for {b['ft_epochs']} epochs at lr {b['ft_lr']} (new head, "
         f"freeze_stages {b['freeze_stages']}); random-init rows train the same nets on the target alone (lr "
         f"{b['scratch_lr']}). Target accuracy after the last epoch; nothing was chosen on the test images.",
-        bench_report.md_table(body, ["net", "source test acc %", "target test acc %", "target run, wall min"]),
+        common.md_table(body, ["net", "source test acc %", "target test acc %", "target run, wall min"]),
     ]
     if "resnet" in rows and "plain_rd" in rows:
         gap = 100 * (rows["plain_rd"]["target_test_acc"] - rows["resnet"]["target_test_acc"])

@@ -57,7 +57,7 @@ def get_config():
         "warmup_epochs": 1.0,  # linear warm-up, then cosine decay to 0
         "momentum": defaults.MOMENTUM,
         "nesterov": defaults.NESTEROV,
-        "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += wd/2 * sum ||kernel||^2 (as PyTorch SGD weight_decay)
+        "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += weight_decay/2 * sum ||kernel||^2 (PyTorch SGD)
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
         "precision": "float32",  # or "mixed_float16" (loss-scaled)
@@ -107,6 +107,23 @@ def smoke(config):
     config.distill.blend_epochs = 1.5
     config.distill.blend_floor = 0.1
     config.distill.kd_alpha = 0.5  # exercise every loss term
+    # One phase, the teacher trained alongside: a smoke run checks the plumbing of every net and loss term
+    # in seconds. The default recipe's two phases are the same code twice (tests run them).
+    config.teacher.mode = "joint"
+    config.teacher.path = ""
+    config.teacher.weights = ""
+    return config
+
+
+def recipe(config):
+    """The default RD recipe, chosen on Fashion-MNIST validation splits at depth 56 (docs/results.md): a
+    pretrained, frozen teacher (with no teacher.path, trained first in W/teacher: one command, two phases),
+    Dirac convs that start near identity mappings, and hybrid losses at full weight to the end (m(t) = 1)."""
+    config.teacher.mode = "pretrained"
+    config.teacher.path = ""
+    config.model.dirac = True
+    config.model.dirac_beta = 0.1
+    config.distill.blend_floor = 1.0
     return config
 
 
@@ -124,11 +141,7 @@ def cifar(name, arg=None):
     config.train.epochs = 200
     config.train.weight_decay = 5e-4
     config.distill.blend_epochs = 150.0
-    # Plain-56 defaults chosen on a Fashion-MNIST validation split (docs/results.md): Dirac convs that start
-    # near identity mappings and hybrid losses kept at full weight to the end (m(t) = 1).
-    config.model.dirac = True
-    config.model.dirac_beta = 0.1
-    config.distill.blend_floor = 1.0
+    recipe(config)
     if arg == "smoke":
         smoke(config)
     elif arg is not None:
