@@ -5,7 +5,9 @@
     python train.py --config=configs/imagenet.py:smoke --workdir=/tmp/imagenet_smoke
 
 tensorflow-datasets 'imagenet2012' needs the official tar files in `data.manual_dir` to prepare once
-(`data.download=True` then runs the preparation; it downloads nothing).
+(`data.download=True` then runs the preparation; it downloads nothing). The teacher is keras.applications'
+ResNet-50 with ImageNet weights, which Keras downloads; offline, save them once elsewhere and pass
+`--config.teacher.weights=/path/to/resnet50.weights.h5` (README: Start from a pretrained ResNet).
 """
 
 from rd_keras.configs import common
@@ -32,11 +34,20 @@ def get_config(arg=None):
     config.train.log_every_steps = 100
     config.train.checkpoint_every_steps = 5000
     config.distill.blend_epochs = 60.0
+    # The default recipe (common.recipe) with keras.applications' ImageNet ResNet-50 as the frozen teacher
+    # (its own preprocessing; Keras downloads the weights, or give a local file in teacher.weights), and
+    # the downsampling projections kept in the student, as the paper's ImageNet plain-50.
+    common.recipe(config)
+    config.teacher.path = "keras.applications.ResNet50"
+    config.teacher.weights = "imagenet"
+    config.data.normalization = "caffe"
+    config.model.student_shortcuts = "downsample"
     if arg == "smoke":
         common.smoke(config)
         config.model.arch = "resnet18"  # ImageNet depths have an ImageNet stem; resnet8 is CIFAR-style
         config.data.image_size = 64
         config.train.precision = "float32"
+        config.data.normalization = "dataset"
     elif arg is not None:
         raise ValueError(f"Unknown config variant {arg!r}: expected 'smoke' or none.")
     return config
