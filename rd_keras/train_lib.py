@@ -12,6 +12,9 @@
 - "transfer": fine-tune the trained net named by `transfer.from` on this config's data, with a new head
   (`rd_keras.transfer`); saved as `plain.keras` or `resnet.keras`, as the source net was.
 
+Each mode is one entry of `MODES`: its config checks, the sources it loads, and the builder of its nets
+(`build_setup` adds the optimizers and the steps, the same for every mode).
+
 The workdir layout is in `rd_keras.workdir`. Rerunning the same command resumes from the newest
 checkpoint: schedules are functions of the restored global step, so they continue where they stopped, and
 the train stream restarts at the batch that step reached (`data.TrainPasses`), so with
@@ -102,35 +105,7 @@ def validate(config):
                                  eval_examples=e.eval_examples)
         except ValueError as err:
             raise ConfigError(f"config.export: {err}") from None
-    if t.mode == "transfer":
-        source = config.transfer["from"]
-        _check(isinstance(source, str) and source, f"config.train.mode='transfer' needs config.transfer.from: "
-               f"a .keras file, a workdir or {pretrained.PREFIX}<Name>, got {source!r}.")
-        _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
-    if t.mode == "distill":
-        _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
-        _choice(config.teacher.joint_update, JOINT_UPDATES, "teacher.joint_update")
-        _number(d.blend_start_epochs, "distill.blend_start_epochs", 0)
-        if config.teacher.mode == "pretrained":
-            sources.check_teacher_config(config)
-        _number(d.temperature, "distill.temperature", 0, low_open=True)
-        _number(d.kd_alpha, "distill.kd_alpha", 0)
-        _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
-        _number(d.blend_floor, "distill.blend_floor", 0, 1)
-        _number(d.blend_epochs, "distill.blend_epochs", 0)
-        _check(architectures.get_spec(m.arch).blocks[1:],
-               f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
-        try:
-            points = hybrid.hybrid_points(architectures.block_output_names(m.arch), d.hybrid_points, m.arch)
-        except ValueError as e:
-            raise ConfigError(f"config.{e}") from None
-        if not points:
-            _check(d.logit_kd_alpha > 0, f"config.distill.hybrid_points={d.hybrid_points!r} leaves the teacher no "
-                   f"way to teach: set distill.logit_kd_alpha > 0 (knowledge distillation), got "
-                   f"{d.logit_kd_alpha!r}, or use train.mode='supervised'.")
-            _check(d.kd_alpha == 0, f"config.distill.kd_alpha={d.kd_alpha!r} weights KD on hybrid paths, and "
-                   f"distill.hybrid_points={d.hybrid_points!r} has none: use distill.logit_kd_alpha for KD on "
-                   "the plain net's logits.")
+    MODES[t.mode].check(config)
 
 
 def make_strategy(name):
@@ -277,13 +252,87 @@ def _distill(ctx) -> Nets:
                 hybrid_points=paths.points, extras={"blend": blend})
 
 
-# config.train.mode -> the builder of its nets: a new mode is a new function here.
-MODES = {"distill": _distill, "supervised": _supervised, "transfer": _transfer}
+def _check_transfer(config):
+    source = config.transfer["from"]
+    _check(isinstance(source, str) and source, f"config.train.mode='transfer' needs config.transfer.from: "
+           f"a .keras file, a workdir or {pretrained.PREFIX}<Name>, got {source!r}.")
+    _number(config.transfer.freeze_stages, "transfer.freeze_stages", 0, integer=True)
+
+
+def _check_distill(config):
+    m, d = config.model, config.distill
+    _choice(config.teacher.mode, TEACHER_MODES, "teacher.mode")
+    _choice(config.teacher.joint_update, JOINT_UPDATES, "teacher.joint_update")
+    _number(d.blend_start_epochs, "distill.blend_start_epochs", 0)
+    if config.teacher.mode == "pretrained":
+        sources.check_teacher_config(config)
+    _number(d.temperature, "distill.temperature", 0, low_open=True)
+    _number(d.kd_alpha, "distill.kd_alpha", 0)
+    _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
+    _number(d.blend_floor, "distill.blend_floor", 0, 1)
+    _number(d.blend_epochs, "distill.blend_epochs", 0)
+    _check(architectures.get_spec(m.arch).blocks[1:],
+           f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
+    try:
+        points = hybrid.hybrid_points(architectures.block_output_names(m.arch), d.hybrid_points, m.arch)
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
+    if not points:
+        _check(d.logit_kd_alpha > 0, f"config.distill.hybrid_points={d.hybrid_points!r} leaves the teacher no "
+               f"way to teach: set distill.logit_kd_alpha > 0 (knowledge distillation), got "
+               f"{d.logit_kd_alpha!r}, or use train.mode='supervised'.")
+        _check(d.kd_alpha == 0, f"config.distill.kd_alpha={d.kd_alpha!r} weights KD on hybrid paths, and "
+               f"distill.hybrid_points={d.hybrid_points!r} has none: use distill.logit_kd_alpha for KD on "
+               "the plain net's logits.")
+
+
+def _distill_sources(config, teacher_path):
+    if config.teacher.mode != "pretrained":
+        return None, None, {}
+    source = teacher.resolve(teacher_path, config.teacher.weights)
+    # The two-phase recipe's own teacher run.
+    return source, None, ({} if config.teacher.path else {"teacher_workdir": teacher_path})
+
+
+def _transfer_sources(config, teacher_path):
+    source = transfer.resolve(config.transfer["from"], config.transfer.weights)
+    net = transfer.load(source)
+    recipe = transfer.recipe_of(net)
+    # Only plain nets are exported: say so now rather than after training.
+    _check(recipe.role == "plain" or not config.export.enabled,
+           f"config.export.enabled=True exports plain nets, but config.transfer.from="
+           f"{config.transfer['from']!r} is a ResNet ({net.name}).")
+    return None, net, {"transfer": {"source": source.path, **dataclasses.asdict(recipe)}}
+
+
+def _no_check(config):
+    pass
+
+
+def _no_sources(config, teacher_path):
+    return None, None, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One `config.train.mode`: `check(config)` refuses its bad config values (in `validate`, after the
+    values every mode uses); `sources(config, teacher_path)` -> (resolved teacher source, loaded transfer
+    net, what config.json's `run` records of them), before any data is read; `build(ctx)` -> `Nets`, in
+    the strategy's scope."""
+
+    build: object
+    check: object = _no_check
+    sources: object = _no_sources
+
+
+# config.train.mode -> what it checks, loads and builds: a new mode is new functions and one entry here.
+MODES = {"distill": Mode(_distill, _check_distill, _distill_sources), "supervised": Mode(_supervised),
+         "transfer": Mode(_transfer, _check_transfer, _transfer_sources)}
 TRAIN_MODES = tuple(MODES)
 
 
 def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, transfer_source=None, fresh=True):
-    """Models (by the builder of `config.train.mode`, `MODES`), optimizers (built, so their slots exist
+    """Models (by the builder of `config.train.mode`, `MODES[...].build`), optimizers (built, so their slots exist
     before the first distributed step) and steps. Call inside `strategy.scope()`. `transfer_source` is the
     loaded net of `transfer.from`; `fresh` says that no checkpoint will be restored, so initial weights are
     copied (a resumed run gets them from its checkpoint)."""
@@ -300,7 +349,7 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
                                  temperature=config.distill.temperature, kd_alpha=config.distill.kd_alpha,
                                  logit_kd_alpha=config.distill.logit_kd_alpha,
                                  normalize=config.distill.normalize)
-    nets = MODES[t.mode](Context(config, info, strategy, steps_per_epoch, step, loss_cfg, teacher_source,
+    nets = MODES[t.mode].build(Context(config, info, strategy, steps_per_epoch, step, loss_cfg, teacher_source,
                                  transfer_source, fresh))
     extras = {"lr": lr_fn, **nets.extras}
     trained = nets.trained
@@ -369,21 +418,7 @@ def _train(config, workdir, strategy, teacher_path="", resuming=None):
     """One training run in `workdir` (a phase of `run`)."""
     if resuming is None:
         resuming = wd.check_workdir(workdir, config)
-    teacher_source = None
-    if config.train.mode == "distill" and config.teacher.mode == "pretrained":
-        teacher_source = teacher.resolve(teacher_path, config.teacher.weights)
-    transfer_source, derived = None, {}
-    if teacher_source is not None and not config.teacher.path:
-        derived["teacher_workdir"] = teacher_path  # the two-phase recipe's own teacher run
-    if config.train.mode == "transfer":
-        source = transfer.resolve(config.transfer["from"], config.transfer.weights)
-        transfer_source = transfer.load(source)
-        recipe = transfer.recipe_of(transfer_source)
-        # Only plain nets are exported: say so now rather than after training.
-        _check(recipe.role == "plain" or not config.export.enabled,
-               f"config.export.enabled=True exports plain nets, but config.transfer.from="
-               f"{config.transfer['from']!r} is a ResNet ({transfer_source.name}).")
-        derived["transfer"] = {"source": source.path, **dataclasses.asdict(recipe)}
+    teacher_source, transfer_source, derived = MODES[config.train.mode].sources(config, teacher_path)
     fresh = tf.train.latest_checkpoint(wd.checkpoint_dir(workdir)) is None
     replicas = strategy.num_replicas_in_sync
     _check(config.data.batch_size % replicas == 0,
