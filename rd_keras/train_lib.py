@@ -162,11 +162,12 @@ class Context:
     fresh: bool = True
 
     def net(self, shortcuts, **options):
-        """The configured net with `shortcuts`, for the data's classes and images."""
+        """The configured net with `shortcuts`, for the data's classes and images. `model.dirac` is a setting
+        of the plain student: a ResNet (shortcuts "all", a teacher or a supervised baseline) has plain convs."""
         m, info = self.config.model, self.info
         return architectures.build(m.arch, shortcuts=shortcuts, num_classes=info.num_classes,
                                    input_shape=tuple(info.image_shape), width=m.width, stem=m.stem or None,
-                                   dirac=m.dirac, dirac_beta=m.dirac_beta, **options)
+                                   dirac=m.dirac and shortcuts != "all", dirac_beta=m.dirac_beta, **options)
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, loop, teacher, train_lib
+from rd_keras import architectures, data, loop, teacher, train_lib
 from rd_keras import workdir as wd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +158,32 @@ def test_configs_load_and_validate(name):
     assert load_config(name, "smoke").model.arch in ("resnet8", "resnet18")
     with pytest.raises(ValueError, match="bogus"):
         load_config(name, "bogus")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_configs_default_to_the_chosen_recipe(name):
+    """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1 (the recipe
+    the depth-56 study chose on validation); its own ResNet trained first unless a teacher is named."""
+    config = load_config(name)
+    assert (config.teacher.mode, config.model.dirac, config.model.dirac_beta, config.distill.blend_floor) == (
+        "pretrained", True, 0.1, 1.0)
+    if name == "imagenet":
+        assert config.teacher.path == "keras.applications.ResNet50" and config.data.normalization == "caffe"
+    else:
+        assert train_lib.trains_its_teacher(config)
+    assert load_config(name, "smoke").teacher.mode == "joint"  # one phase: a smoke run stays seconds long
+
+
+def test_dirac_convs_belong_to_the_plain_student_only():
+    from rd_keras.dirac import DiracConv2D
+
+    for mode, expected in (("all", False), ("none", True)):
+        config = synthetic_config(**{"train.mode": "supervised", "model.supervised_shortcuts": mode,
+                                     "model.dirac": True})
+        setup = train_lib.build_setup(config, data.DatasetInfo(10, (16, 16, 3), 64, 16, (0.5,) * 3, (0.25,) * 3),
+                                      tf.distribute.get_strategy(), 2)
+        (net,) = setup.trained.values()
+        assert any(isinstance(layer, DiracConv2D) for layer in net.layers) is expected, mode
 
 
 # ----------------------------------------------------------------------------- in-process runs
