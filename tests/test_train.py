@@ -162,16 +162,19 @@ def test_configs_load_and_validate(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_default_to_the_chosen_recipe(name):
-    """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1 (the recipe
-    the depth-56 study chose on validation); its own ResNet trained first unless a teacher is named."""
+    """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1 and KD on the
+    plain logits (the recipe the depth-56 study chose on validation); its own ResNet trained first unless a
+    teacher is named."""
     config = load_config(name)
-    assert (config.teacher.mode, config.model.dirac, config.model.dirac_beta, config.distill.blend_floor) == (
-        "pretrained", True, 0.1, 1.0)
+    d = config.distill
+    assert (config.teacher.mode, config.model.dirac, config.model.dirac_beta, d.blend_floor, d.logit_kd_alpha,
+            d.hybrid_points) == ("pretrained", True, 0.1, 1.0, 1.0, "stages")
     if name == "imagenet":
         assert config.teacher.path == "keras.applications.ResNet50" and config.data.normalization == "caffe"
     else:
         assert train_lib.trains_its_teacher(config)
-    assert load_config(name, "smoke").teacher.mode == "joint"  # one phase: a smoke run stays seconds long
+    smoke = load_config(name, "smoke")  # one phase, plain convs: a smoke run checks plumbing in seconds
+    assert (smoke.teacher.mode, smoke.model.dirac, smoke.distill.logit_kd_alpha) == ("joint", False, 0.0)
 
 
 def test_dirac_convs_belong_to_the_plain_student_only():
