@@ -75,22 +75,44 @@ def _config_files(argv):
     return rest
 
 
+def _parse(argv, flag_values, config_flag):
+    """Parses `argv` into `flag_values`; returns absl's remaining arguments."""
+    argv, taken = _take_keyword_overrides(argv)
+    argv = _config_files(argv)
+    remaining = flag_values(argv)
+    config_flag.value.to_dict()  # config_flags defers the error of a file it could not load to a first use
+    for key, value in taken.items():
+        section, name = key.split(".")
+        config_flag.value[section][name] = value
+    return remaining
+
+
 def _parse_flags(argv):
     if HELP_FLAGS & set(argv[1:]):  # absl would print the same and exit with status 1
         app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     try:
-        argv, taken = _take_keyword_overrides(argv)
-        argv = _config_files(argv)
-        sys.argv[:] = argv  # config_flags finds the overrides in sys.argv itself
-        remaining = flags.FLAGS(argv)
-        _CONFIG.value.to_dict()  # config_flags defers the error of a file it could not load to a first use
-        for key, value in taken.items():
-            section, name = key.split(".")
-            _CONFIG.value[section][name] = value
-        return remaining
+        sys.argv[:] = _config_files(_take_keyword_overrides(argv)[0])  # config_flags reads overrides there
+        return _parse(argv, flags.FLAGS, _CONFIG)
     except Exception as e:  # absl, config_flags and the config file itself raise many kinds
         print(f"error: {_flag_error(e, argv)}", file=sys.stderr)
         sys.exit(1)
+
+
+def resolve_config(argv):
+    """The config the command line `argv` (`[program, --config=..., --config.KEY=VALUE, ...]`) trains with,
+    parsed exactly as this command parses it, without touching the process's flags. Raises ValueError with
+    the one-line message the command would print."""
+    argv = list(argv)
+    values = flags.FlagValues()
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "", flag_values=values, lock_config=True,
+        sys_argv=_config_files(_take_keyword_overrides(argv)[0]))
+    flags.DEFINE_string("workdir", None, "", flag_values=values)
+    try:
+        _parse(argv, values, config_flag)
+    except Exception as e:  # as in _parse_flags
+        raise ValueError(_flag_error(e, argv)) from None
+    return config_flag.value
 
 
 def _main(argv):

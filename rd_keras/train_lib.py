@@ -319,17 +319,41 @@ class Mode:
     """One `config.train.mode`: `check(config)` refuses its bad config values (in `validate`, after the
     values every mode uses); `sources(config, teacher_path)` -> (resolved teacher source, loaded transfer
     net, what config.json's `run` records of them), before any data is read; `build(ctx)` -> `Nets`, in
-    the strategy's scope."""
+    the strategy's scope. `reads`: the config sections whose values decide what it trains."""
 
     build: object
     check: object = _no_check
     sources: object = _no_sources
+    reads: tuple = ("data", "model", "train")
 
 
 # config.train.mode -> what it checks, loads and builds: a new mode is new functions and one entry here.
-MODES = {"distill": Mode(_distill, _check_distill, _distill_sources), "supervised": Mode(_supervised),
-         "transfer": Mode(_transfer, _check_transfer, _transfer_sources)}
+MODES = {"distill": Mode(_distill, _check_distill, _distill_sources, reads=("data", "model", "train", "teacher",
+                                                                           "distill")),
+         "supervised": Mode(_supervised),
+         "transfer": Mode(_transfer, _check_transfer, _transfer_sources, reads=("data", "model", "train",
+                                                                               "transfer"))}
 TRAIN_MODES = tuple(MODES)
+
+
+# Keys that weigh the hybrid paths only: with distill.hybrid_points="none" (KD alone) they change nothing.
+_HYBRID_PATH_KEYS = ("distill.blend_epochs", "distill.blend_floor", "distill.kd_alpha", "distill.normalize")
+
+
+def training_settings(config) -> dict:
+    """{dotted key: value} of the settings that decide what `config` (a ConfigDict, or config.json's dict)
+    trains: the sections its mode reads, less the keys a resume may change, the Dirac keys of a ResNet
+    trained alone (`Context.net` gives it plain convs) and the hybrid-path weights of a run without hybrid
+    paths. Two configs with equal settings train the same run: the benchmarks reuse a finished run on that
+    ground, whatever defaults the keys it leaves out have."""
+    flat = wd.flat_config(config)
+    mode = flat["train.mode"]
+    unused = set(wd.RESUME_MUTABLE_KEYS)
+    if mode == "supervised" and flat.get("model.supervised_shortcuts") == "all":
+        unused |= {"model.dirac", "model.dirac_beta"}
+    if mode == "distill" and flat.get("distill.hybrid_points") == "none":
+        unused |= set(_HYBRID_PATH_KEYS)
+    return {key: value for key, value in flat.items() if key.split(".")[0] in MODES[mode].reads and key not in unused}
 
 
 def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, transfer_source=None, fresh=True):

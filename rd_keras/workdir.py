@@ -163,10 +163,15 @@ def _json_tree(config):
     return json.loads(json.dumps(tree))
 
 
+def flat_config(config) -> dict:
+    """{dotted key: value} of a ConfigDict or of config.json's dict, as config.json stores the values,
+    without the derived sections."""
+    return _flatten({k: v for k, v in _json_tree(config).items() if k not in DERIVED_SECTIONS})
+
+
 def config_diff(old: dict, new) -> dict:
     """{key: (old, new)} for every dotted key whose value differs, ignoring the derived sections."""
-    old = {k: v for k, v in old.items() if k not in DERIVED_SECTIONS}
-    flat_old, flat_new = _flatten(old), _flatten(_json_tree(new))
+    flat_old, flat_new = flat_config(old), flat_config(new)
     absent = "<absent>"
     keys = sorted(set(flat_old) | set(flat_new))
     pairs = {k: (flat_old.get(k, absent), flat_new.get(k, absent)) for k in keys}

@@ -338,14 +338,63 @@ def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_finished_run_is_reused_from_another_checkout_but_not_for_other_flags(tmp_path):
-    run = {"workdir": str(tmp_path), "command": ["/venv/bin/python", "/repo/train.py", "--config=c.py",
-                                                 "--config.train.epochs=2"]}
-    record = {"returncode": 0, "wall_s": 1.0,
-              "command": "/other/bin/python /elsewhere/train.py --config=c.py --config.train.epochs=2"}
-    (tmp_path / bench_accuracy.DONE_FILE).write_text(json.dumps(record))
+def _finished_run(workdir, flags, ran_flags=None, edit=None):
+    """A bench run of `train.py flags` in `workdir`, finished by a run of `ran_flags` (default: the same)
+    from another checkout, whose config.json `edit(tree)` may change."""
+    from rd_keras import train_cli
+    from rd_keras import workdir as wd
+
+    argv = ["/repo/train.py", "--config=configs/fashion_mnist.py", f"--workdir={workdir}", *flags]
+    ran = ["/elsewhere/train.py", *argv[1:3], *(flags if ran_flags is None else ran_flags)]
+    wd.write_config(str(workdir), train_cli.resolve_config(ran))
+    if edit:
+        tree = json.loads((workdir / wd.CONFIG_FILE).read_text())
+        edit(tree)
+        (workdir / wd.CONFIG_FILE).write_text(json.dumps(tree))
+    (workdir / bench_accuracy.DONE_FILE).write_text(json.dumps(
+        {"returncode": 0, "wall_s": 1.0, "command": " ".join(["/other/bin/python", *ran])}))
+    return {"workdir": str(workdir), "command": ["/venv/bin/python", *argv]}
+
+
+RD = ["--config.train.mode=distill", "--config.teacher.path=runs/t", "--config.train.epochs=2"]
+
+
+def test_finished_run_is_reused_when_it_trained_the_same_settings_however_the_flags_were_written(tmp_path):
+    # Another checkout and interpreter, flags in another order, a default written out, a key that only
+    # a resume may change: the same settings.
+    run = _finished_run(tmp_path, RD, ran_flags=[*RD[::-1], "--config.distill.temperature=4.0",
+                                                 "--config.train.log_every_steps=7"])
     assert bench_accuracy._finished(run)["wall_s"] == 1.0
-    record["command"] = record["command"].replace("epochs=2", "epochs=3")
-    (tmp_path / bench_accuracy.DONE_FILE).write_text(json.dumps(record))
-    with pytest.raises(bench_common.FlagError, match="holds a finished run of another command"):
+    assert bench_accuracy._finished({**run, "command": [*run["command"], "--config.train.progress=False"]})
+
+
+def test_finished_run_of_other_settings_is_refused_naming_them(tmp_path):
+    run = _finished_run(tmp_path, RD)
+    with pytest.raises(bench_common.FlagError, match=r"other settings:\n  train.epochs: 2 in the run, 3 now"):
+        bench_accuracy._finished({**run, "command": [*run["command"], "--config.train.epochs=3"]})
+    # Defaults that changed since the run trained (the command alone would read the same).
+    run = _finished_run(tmp_path, RD, edit=lambda t: t["distill"].update(logit_kd_alpha=0.0))
+    with pytest.raises(bench_common.FlagError, match="distill.logit_kd_alpha: 0.0 in the run, 1.0 now"):
         bench_accuracy._finished(run)
+    # ... reused once the command pins the old value.
+    assert bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.logit_kd_alpha=0"]})
+
+
+def test_reuse_ignores_settings_a_run_does_not_use_and_keys_newer_than_it(tmp_path):
+    resnet = ["--config.train.mode=supervised", "--config.model.supervised_shortcuts=all"]
+    # A ResNet trained alone reads neither the distillation sections nor the Dirac keys of the plain net.
+    old_defaults = {"teacher": {"mode": "joint"}, "distill": {"logit_kd_alpha": 0.0}, "model": {"dirac": False}}
+    run = _finished_run(tmp_path, resnet, edit=lambda t: [t[s].update(v) for s, v in old_defaults.items()])
+    assert bench_accuracy._finished(run)
+    kd = ["--config.train.mode=distill", "--config.teacher.path=runs/t", "--config.distill.hybrid_points=none"]
+    (tmp_path / "kd").mkdir()
+    run = _finished_run(tmp_path / "kd", kd, edit=lambda t: t["distill"].update(blend_floor=0.0))
+    assert bench_accuracy._finished(run)  # m(t) weighs hybrid paths only
+    with pytest.raises(bench_common.FlagError, match="distill.temperature: 4.0 in the run, 2.0 now"):
+        bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.temperature=2"]})
+    # A key the run's config.json predates stands at its library default, which keeps the old behaviour.
+    (tmp_path / "new").mkdir()
+    run = _finished_run(tmp_path / "new", RD, edit=lambda t: t["distill"].pop("blend_start_epochs"))
+    assert bench_accuracy._finished(run)
+    with pytest.raises(bench_common.FlagError, match="distill.blend_start_epochs: 0.0 in the run, 1.0 now"):
+        bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.blend_start_epochs=1"]})

@@ -26,7 +26,9 @@ learning curves read from each workdir's metrics.jsonl (`curves.val_acc` per epo
 `curves.test_acc` without), the code versions that trained it, and for runs from a pretrained teacher the
 total wall time including the teacher's training (`total_wall_s`). The hybrid-loss decay `distill.blend_epochs` keeps
 the config's fraction of the run when `--epochs` shortens it. A workdir holding a finished run is reused,
-not retrained.
+not retrained, when it trained the same settings (`train_lib.training_settings` of its config.json against
+what the run's command resolves to today); a finished run of other settings, such as one trained before a
+config default changed, is refused with the keys that differ, so a study command pins what it measures.
 """
 
 from __future__ import annotations
@@ -199,15 +201,11 @@ def plan(args):
 # ----------------------------------------------------------------------------- running
 
 
-def _flags(command: str) -> str:
-    """A run's command line without the interpreter and the script path: where a checkout lives does not
-    change the run (the code that trained it is recorded apart, as its workdir's code versions)."""
-    return command.split(" ", 2)[2] if command.count(" ") >= 2 else command
-
-
 def _finished(run):
-    """The done-record of a finished run of this command, else None; a finished run of another command
-    (other budget or config) is an error, never silently reused."""
+    """The done-record of a finished run in the run's workdir, else None. It is reused only when it trained
+    the settings the run's command gives today (`settings_diff`): how the flags were spelled and where the
+    checkout was do not matter; other settings (a budget, a variant, or config defaults that changed since it
+    trained) are an error naming them, never a silently reused or retrained row."""
     path = os.path.join(run["workdir"], DONE_FILE)
     if not os.path.isfile(path):
         return None
@@ -215,10 +213,37 @@ def _finished(run):
         done = json.load(f)
     if done.get("returncode") != 0:
         return None
-    if _flags(done.get("command", "")) != _flags(" ".join(run["command"])):
-        raise common.FlagError(f"{run['workdir']!r} holds a finished run of another command:\n  {done.get('command')}"
-                               f"\nnot\n  {' '.join(run['command'])}\nRemove it or choose another --out.")
+    diff = settings_diff(run["workdir"], run["command"][1:])
+    if diff:
+        lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, (old, new) in diff.items())
+        raise common.FlagError(f"{run['workdir']!r} holds a finished run of other settings:\n{lines}\nIt ran "
+                               f"{done.get('command')}\nPin those values (--override, or in the --variant) to "
+                               "reuse it, or remove it, or choose another --out.")
     return done
+
+
+def settings_diff(workdir, argv) -> dict:
+    """{key: (in the run, now)} for each training setting (`train_lib.training_settings`) in which the
+    finished run in `workdir` differs from what the train.py command line `argv` resolves to today. A key
+    newer than the run stands at its library default (`rd_keras.configs.common`), the value that keeps the
+    behaviour the code had before the key existed."""
+    from rd_keras import train_cli, train_lib  # they import TensorFlow: only when there is a run to compare
+    from rd_keras.configs import common as library
+
+    try:
+        now = train_lib.training_settings(train_cli.resolve_config(argv))
+    except ValueError as e:
+        raise common.FlagError(f"{' '.join(argv)}: {e}") from None
+    try:
+        with open(wd.config_path(workdir)) as f:
+            ran = train_lib.training_settings(json.load(f))
+    except (OSError, ValueError, KeyError) as e:
+        raise common.FlagError(f"{workdir!r}: its {wd.CONFIG_FILE} is unreadable ({e!r}); remove the workdir "
+                               "or choose another --out.") from None
+    absent = "<absent>"
+    newer = wd.flat_config(library.get_config())
+    pairs = {key: (ran.get(key, newer.get(key, absent)), now.get(key, absent)) for key in sorted({*ran, *now})}
+    return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
 
 
 def _start(run):
