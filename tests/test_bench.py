@@ -359,6 +359,27 @@ def _finished_run(workdir, flags, ran_flags=None, edit=None):
 RD = ["--config.train.mode=distill", "--config.teacher.path=runs/t", "--config.train.epochs=2"]
 
 
+@pytest.mark.parametrize("config", ["configs/fashion_mnist.py", "configs/cifar10.py"])
+def test_accuracy_plan_resnet_and_rd_pretrained_runs_are_the_two_phases_of_the_default_recipe(tmp_path, config):
+    # What the study measures as `resnet` + `rd_pretrained` is what one train.py command of the config trains
+    # (its teacher phase, then its distillation), setting for setting, so its rows are the default recipe's.
+    from rd_keras import train_cli, train_lib
+
+    args = bench.parser_for(["accuracy"]).parse_args(
+        ["accuracy", f"--config={config}", "--epochs=2", "--width=0.5", "--depths=20", "--runs=resnet,rd_pretrained",
+         f"--out={tmp_path}"])
+    _, (resnet, rd) = bench_accuracy.plan(args)
+    one_command = train_cli.resolve_config([c for c in rd["command"][1:] if "teacher.path=" not in c])
+    assert train_lib.trains_its_teacher(one_command)
+    def settings(run_or_config):
+        config = train_cli.resolve_config(run_or_config["command"][1:]) if "command" in run_or_config else run_or_config
+        return train_lib.training_settings(config)
+
+    assert settings(train_lib.teacher_phase_config(one_command)) == settings(resnet)
+    one_command.teacher.path = os.path.join(str(tmp_path), "d20_resnet")
+    assert settings(one_command) == settings(rd)
+
+
 def test_finished_run_is_reused_when_it_trained_the_same_settings_however_the_flags_were_written(tmp_path):
     # Another checkout and interpreter, flags in another order, a default written out, a key that only
     # a resume may change: the same settings.
