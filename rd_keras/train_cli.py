@@ -90,6 +90,7 @@ def _parse(argv, flag_values, config_flag):
 def _parse_flags(argv):
     if HELP_FLAGS & set(argv[1:]):  # absl would print the same and exit with status 1
         app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+    argv = list(argv)  # app.run passes sys.argv itself, which the next line rewrites
     try:
         sys.argv[:] = _config_files(_take_keyword_overrides(argv)[0])  # config_flags reads overrides there
         return _parse(argv, flags.FLAGS, _CONFIG)

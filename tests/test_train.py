@@ -150,6 +150,17 @@ def test_unknown_config_key_fails_from_any_cwd(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_transfer_from_on_the_command_line_reaches_the_trainer(tmp_path):
+    """`from` is a Python keyword, so train.py takes --config.transfer.from off the command line itself; the
+    value must survive app.run, which hands the parser sys.argv itself."""
+    missing = str(tmp_path / "no_such_source")
+    proc = train(str(tmp_path / "w"), f"--config.transfer.from={missing}", config="configs/transfer.py:smoke")
+    assert proc.returncode == 1
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and missing in error[0], proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "w")
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_load_and_validate(name):
     for arg in (None, "smoke", *(("demo",) if name == "fashion_mnist" else ())):
