@@ -12,7 +12,7 @@ import pytest
 
 from rd_keras import bench
 from rd_keras.bench import accuracy as bench_accuracy
-from rd_keras.bench import accuracy_report
+from rd_keras.bench import accuracy_report, accuracy_reuse
 from rd_keras.bench import common as bench_common
 
 TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
@@ -219,6 +219,24 @@ def test_accuracy_smoke(results_dir, tmp_path, capsys, monkeypatch):
                 "--train_subset=512", "--runs=resnet,rd_pretrained", "--override=data.eval_subset=256",
                 f"--out={tmp_path}/runs"], capsys)
     assert "reused" in out
+    # With the workdirs gone, the rows of the results file stand in for them, number for number ...
+    os.rename(tmp_path / "runs", tmp_path / "gone")
+    again = tmp_path / "again.json"
+    command = ["accuracy", "--config=configs/fashion_mnist.py:smoke", "--depths=8", "--epochs=1",
+               "--train_subset=512", "--runs=resnet,rd_pretrained", "--override=data.eval_subset=256",
+               f"--out={tmp_path}/runs", f"--reuse_json={path}"]
+    _run([*command, f"--json={again}"], capsys)
+    rows = {r["kind"]: r for r in _load(again)["results"]}
+    for kind, r in runs.items():
+        assert rows[kind]["reused"] and rows[kind]["reused_from"] == str(path)
+        assert (rows[kind]["test_acc"], rows[kind]["curves"]) == (r["test_acc"], r["curves"])
+        assert rows[kind]["settings"] == r["settings"] and r["settings"]["train.epochs"] == 1
+    assert not os.path.exists(tmp_path / "runs")  # nothing trained
+    # ... but not for a run of other settings, whose row is refused naming them.
+    with pytest.raises(SystemExit) as e:
+        bench.main([*command, "--override=train.lr=0.5"])
+    assert e.value.code == 2
+    assert "has a row 'd8_resnet' of other settings:\n  train.lr: 0.1 in the run, 0.5 now" in capsys.readouterr().err
 
 
 def test_report(results_dir, tmp_path, capsys):
@@ -351,7 +369,7 @@ def _finished_run(workdir, flags, ran_flags=None, edit=None):
         tree = json.loads((workdir / wd.CONFIG_FILE).read_text())
         edit(tree)
         (workdir / wd.CONFIG_FILE).write_text(json.dumps(tree))
-    (workdir / bench_accuracy.DONE_FILE).write_text(json.dumps(
+    (workdir / accuracy_reuse.DONE_FILE).write_text(json.dumps(
         {"returncode": 0, "wall_s": 1.0, "command": " ".join(["/other/bin/python", *ran])}))
     return {"workdir": str(workdir), "command": ["/venv/bin/python", *argv]}
 
@@ -385,20 +403,20 @@ def test_finished_run_is_reused_when_it_trained_the_same_settings_however_the_fl
     # a resume may change: the same settings.
     run = _finished_run(tmp_path, RD, ran_flags=[*RD[::-1], "--config.distill.temperature=4.0",
                                                  "--config.train.log_every_steps=7"])
-    assert bench_accuracy._finished(run)["wall_s"] == 1.0
-    assert bench_accuracy._finished({**run, "command": [*run["command"], "--config.train.progress=False"]})
+    assert accuracy_reuse.finished(run)["wall_s"] == 1.0
+    assert accuracy_reuse.finished({**run, "command": [*run["command"], "--config.train.progress=False"]})
 
 
 def test_finished_run_of_other_settings_is_refused_naming_them(tmp_path):
     run = _finished_run(tmp_path, RD)
     with pytest.raises(bench_common.FlagError, match=r"other settings:\n  train.epochs: 2 in the run, 3 now"):
-        bench_accuracy._finished({**run, "command": [*run["command"], "--config.train.epochs=3"]})
+        accuracy_reuse.finished({**run, "command": [*run["command"], "--config.train.epochs=3"]})
     # Defaults that changed since the run trained (the command alone would read the same).
     run = _finished_run(tmp_path, RD, edit=lambda t: t["distill"].update(logit_kd_alpha=0.0))
     with pytest.raises(bench_common.FlagError, match="distill.logit_kd_alpha: 0.0 in the run, 1.0 now"):
-        bench_accuracy._finished(run)
+        accuracy_reuse.finished(run)
     # ... reused once the command pins the old value.
-    assert bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.logit_kd_alpha=0"]})
+    assert accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.logit_kd_alpha=0"]})
 
 
 def test_reuse_ignores_settings_a_run_does_not_use_and_keys_newer_than_it(tmp_path):
@@ -406,16 +424,32 @@ def test_reuse_ignores_settings_a_run_does_not_use_and_keys_newer_than_it(tmp_pa
     # A ResNet trained alone reads neither the distillation sections nor the Dirac keys of the plain net.
     old_defaults = {"teacher": {"mode": "joint"}, "distill": {"logit_kd_alpha": 0.0}, "model": {"dirac": False}}
     run = _finished_run(tmp_path, resnet, edit=lambda t: [t[s].update(v) for s, v in old_defaults.items()])
-    assert bench_accuracy._finished(run)
+    assert accuracy_reuse.finished(run)
     kd = ["--config.train.mode=distill", "--config.teacher.path=runs/t", "--config.distill.hybrid_points=none"]
     (tmp_path / "kd").mkdir()
     run = _finished_run(tmp_path / "kd", kd, edit=lambda t: t["distill"].update(blend_floor=0.0))
-    assert bench_accuracy._finished(run)  # m(t) weighs hybrid paths only
+    assert accuracy_reuse.finished(run)  # m(t) weighs hybrid paths only
     with pytest.raises(bench_common.FlagError, match="distill.temperature: 4.0 in the run, 2.0 now"):
-        bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.temperature=2"]})
+        accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.temperature=2"]})
     # A key the run's config.json predates stands at its library default, which keeps the old behaviour.
     (tmp_path / "new").mkdir()
     run = _finished_run(tmp_path / "new", RD, edit=lambda t: t["distill"].pop("blend_start_epochs"))
-    assert bench_accuracy._finished(run)
+    assert accuracy_reuse.finished(run)
     with pytest.raises(bench_common.FlagError, match="distill.blend_start_epochs: 0.0 in the run, 1.0 now"):
-        bench_accuracy._finished({**run, "command": [*run["command"], "--config.distill.blend_start_epochs=1"]})
+        accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.blend_start_epochs=1"]})
+
+def test_reuse_json_refuses_files_it_cannot_check(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"results": [{"name": "d56_resnet", "test_acc": 0.9}, {"name": "x", "failed": True}]}))
+    with pytest.raises(bench_common.FlagError, match=r"rows \['d56_resnet'\] record no settings"):
+        accuracy_reuse.read_rows([str(old)])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(bench_common.FlagError, match="not a results file of bench accuracy"):
+        accuracy_reuse.read_rows([str(tmp_path / "bad.json")])
+    # A later file's row wins; failed rows are never reused.
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"results": [{"name": "r", "settings": {}, "test_acc": 0.1},
+                                             {"name": "f", "failed": True}]}))
+    second.write_text(json.dumps({"results": [{"name": "r", "settings": {}, "test_acc": 0.2}]}))
+    rows = accuracy_reuse.read_rows([str(first), str(second)])
+    assert set(rows) == {"r"} and rows["r"]["test_acc"] == 0.2 and rows["r"]["reused_from"] == str(second)

@@ -29,6 +29,9 @@ the config's fraction of the run when `--epochs` shortens it. A workdir holding 
 not retrained, when it trained the same settings (`train_lib.training_settings` of its config.json against
 what the run's command resolves to today); a finished run of other settings, such as one trained before a
 config default changed, is refused with the keys that differ, so a study command pins what it measures.
+Each row records those settings, so `--reuse_json F` (an earlier `--json` of the study) stands in for
+workdirs that are gone: a study grows by seeds on another machine and the report still has every row
+(`rd_keras/bench/accuracy_reuse.py`).
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ import subprocess
 import sys
 import time
 
-from rd_keras.bench import common
+from rd_keras.bench import accuracy_reuse, common
 from rd_keras import workdir as wd
 
 RUNS = ("resnet", "plain", "rd_joint", "rd_pretrained", "kd")
 FROM_TEACHER = ("rd_pretrained", "kd")  # runs that distil from the frozen ResNet of the `resnet` run
-DONE_FILE = wd.BENCH_RUN_FILE  # written into a workdir when its run finished, with the wall time
+DONE_FILE = accuracy_reuse.DONE_FILE
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -74,6 +77,9 @@ def add_arguments(parser):
                         help="runs at once; > 1 shares the machine, so wall times grow (default: 1)")
     parser.add_argument("--out", default="runs/accuracy", help="one workdir per run under here")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--reuse_json", action="append", default=[], metavar="PATH",
+                        help="an earlier --json of this command: a run whose workdir is absent takes its row "
+                             "there, when it trained the same settings (repeatable; may be the --json file)")
 
 
 def load_config(spec):
@@ -201,51 +207,6 @@ def plan(args):
 # ----------------------------------------------------------------------------- running
 
 
-def _finished(run):
-    """The done-record of a finished run in the run's workdir, else None. It is reused only when it trained
-    the settings the run's command gives today (`settings_diff`): how the flags were spelled and where the
-    checkout was do not matter; other settings (a budget, a variant, or config defaults that changed since it
-    trained) are an error naming them, never a silently reused or retrained row."""
-    path = os.path.join(run["workdir"], DONE_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        done = json.load(f)
-    if done.get("returncode") != 0:
-        return None
-    diff = settings_diff(run["workdir"], run["command"][1:])
-    if diff:
-        lines = "\n".join(f"  {key}: {old!r} in the run, {new!r} now" for key, (old, new) in diff.items())
-        raise common.FlagError(f"{run['workdir']!r} holds a finished run of other settings:\n{lines}\nIt ran "
-                               f"{done.get('command')}\nPin those values (--override, or in the --variant) to "
-                               "reuse it, or remove it, or choose another --out.")
-    return done
-
-
-def settings_diff(workdir, argv) -> dict:
-    """{key: (in the run, now)} for each training setting (`train_lib.training_settings`) in which the
-    finished run in `workdir` differs from what the train.py command line `argv` resolves to today. A key
-    newer than the run stands at its library default (`rd_keras.configs.common`), the value that keeps the
-    behaviour the code had before the key existed."""
-    from rd_keras import train_cli, train_lib  # they import TensorFlow: only when there is a run to compare
-    from rd_keras.configs import common as library
-
-    try:
-        now = train_lib.training_settings(train_cli.resolve_config(argv))
-    except ValueError as e:
-        raise common.FlagError(f"{' '.join(argv)}: {e}") from None
-    try:
-        with open(wd.config_path(workdir)) as f:
-            ran = train_lib.training_settings(json.load(f))
-    except (OSError, ValueError, KeyError) as e:
-        raise common.FlagError(f"{workdir!r}: its {wd.CONFIG_FILE} is unreadable ({e!r}); remove the workdir "
-                               "or choose another --out.") from None
-    absent = "<absent>"
-    newer = wd.flat_config(library.get_config())
-    pairs = {key: (ran.get(key, newer.get(key, absent)), now.get(key, absent)) for key in sorted({*ran, *now})}
-    return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}
-
-
 def _start(run):
     if os.path.exists(run["workdir"]):
         raise common.FlagError(f"{run['workdir']!r} exists but holds no finished run ({DONE_FILE}); remove it "
@@ -257,14 +218,18 @@ def _start(run):
     return proc, log, time.perf_counter()
 
 
-def execute(runs, parallel):
-    """Runs what is not finished yet, at most `parallel` at once; returns {name: done-record}."""
+def execute(runs, parallel, rows=None):
+    """Runs what is not finished yet, at most `parallel` at once; returns ({name: done-record}, failed names).
+    A run whose workdir is absent is taken from `rows` (`accuracy_reuse.read_rows`) when one stands for it."""
     done = {}
     pending = []
     for run in runs:
-        record = _finished(run)
+        record = accuracy_reuse.finished(run)
+        row = None if record is not None else accuracy_reuse.recorded(run, rows or {})
         if record is not None:
             done[run["name"]] = {**record, "reused": True}
+        elif row is not None:
+            done[run["name"]] = {"row": row, "reused": True}
         else:
             pending.append(run)
     active = {}
@@ -363,6 +328,8 @@ def summarize_run(run, done):
              "seed": run.get("seed", 0), "workdir": run["workdir"], "needs": run.get("needs")}
     if run["name"] not in done:
         return {**entry, "failed": True}
+    if "row" in done[run["name"]]:  # from an earlier results file: its numbers, today's name for the workdir
+        return {**done[run["name"]]["row"], **entry, "reused": True}
     records = read_metrics(run["workdir"])
     c, last = curves(records), records[-1]
     validated = "test_acc" in last
@@ -372,7 +339,8 @@ def summarize_run(run, done):
                  command=done[run["name"]]["command"], code_versions=wd.code_versions(run["workdir"]),
                  teacher_acc=last.get("test_teacher_acc" if validated else "teacher_acc"),
                  teacher_val_acc=last.get("teacher_acc") if validated else None, curves=c,
-                 train_curves=read_train_scalars(run["workdir"]))
+                 train_curves=read_train_scalars(run["workdir"]),
+                 settings=accuracy_reuse.settings_of_workdir(run["workdir"]))
     return entry
 
 
@@ -460,11 +428,11 @@ def summary_table(rows) -> str:
 def run(args):
     load_at_start = common.load_average()
     budget, runs = plan(args)
-    done, failed = execute(runs, args.parallel)
+    done, failed = execute(runs, args.parallel, accuracy_reuse.read_rows(args.reuse_json))
     results = add_teacher_time([summarize_run(r, done) for r in runs])
     summary = aggregate(results)
     payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
-               "settings": {"parallel": args.parallel, "out": args.out}, "results": results, "summary": summary}
+               "settings": {"parallel": args.parallel, "out": args.out, "reuse_json": args.reuse_json}, "results": results, "summary": summary}
     print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
           f"(0 = all), batch {budget['batch_size']}, validation_split {budget['validation_split']}, "
           f"config {budget['config']}")
