@@ -122,7 +122,9 @@ def recipe(config):
     """The default recipe, chosen on Fashion-MNIST validation splits at depth 56 (docs/results.md): a
     pretrained, frozen teacher (with no teacher.path, trained first in W/teacher: one command, two phases),
     Dirac convs that start near identity mappings, hybrid losses at full weight to the end (m(t) = 1) and KD
-    on the plain logits (RD + KD was the best on validation, ahead of RD alone and of KD alone)."""
+    on the plain logits (RD + KD was the best on validation, ahead of RD alone and of KD alone). At depth
+    110 the hybrid paths at full weight hurt instead (docs/results.md): for a net that deep,
+    `--config.distill.hybrid_points=none` (KD alone) was the better recipe."""
     config.teacher.mode = "pretrained"
     config.teacher.path = ""
     config.model.dirac = True
