@@ -438,6 +438,7 @@ def test_reuse_ignores_settings_a_run_does_not_use_and_keys_newer_than_it(tmp_pa
     with pytest.raises(bench_common.FlagError, match="distill.blend_start_epochs: 0.0 in the run, 1.0 now"):
         accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.blend_start_epochs=1"]})
 
+
 def test_reuse_json_refuses_files_it_cannot_check(tmp_path):
     old = tmp_path / "old.json"
     old.write_text(json.dumps({"results": [{"name": "d56_resnet", "test_acc": 0.9}, {"name": "x", "failed": True}]}))

@@ -225,10 +225,11 @@ def execute(runs, parallel, rows=None):
     pending = []
     for run in runs:
         record = accuracy_reuse.finished(run)
-        row = None if record is not None else accuracy_reuse.recorded(run, rows or {})
         if record is not None:
             done[run["name"]] = {**record, "reused": True}
-        elif row is not None:
+            continue
+        row = accuracy_reuse.recorded(run, rows or {})
+        if row is not None:
             done[run["name"]] = {"row": row, "reused": True}
         else:
             pending.append(run)
@@ -432,7 +433,8 @@ def run(args):
     results = add_teacher_time([summarize_run(r, done) for r in runs])
     summary = aggregate(results)
     payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
-               "settings": {"parallel": args.parallel, "out": args.out, "reuse_json": args.reuse_json}, "results": results, "summary": summary}
+               "settings": {"parallel": args.parallel, "out": args.out, "reuse_json": args.reuse_json},
+               "results": results, "summary": summary}
     print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
           f"(0 = all), batch {budget['batch_size']}, validation_split {budget['validation_split']}, "
           f"config {budget['config']}")
