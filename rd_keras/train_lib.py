@@ -228,9 +228,11 @@ def _distill(ctx) -> Nets:
         return schedules.blend_weight(s, steps_per_epoch=ctx.steps_per_epoch, floor=d.blend_floor,
                                       blend_epochs=d.blend_epochs, start_epochs=d.blend_start_epochs)
 
-    def kd_weight(s):  # KD on the plain logits starts with the hybrid losses
+    def kd_weight(s):
+        # A joint teacher is untrained at first: KD on the plain logits starts with the hybrid losses. A
+        # pretrained teacher's logits are good from step 0, so KD runs throughout ("KD first, paths later").
         start = int(d.blend_start_epochs * ctx.steps_per_epoch)
-        return 1.0 if not start else tf.cast(s >= start, tf.float32)
+        return 1.0 if not (start and joint) else tf.cast(s >= start, tf.float32)
 
     teacher_first = joint and config.teacher.joint_update == "teacher_first"
 

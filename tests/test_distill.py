@@ -196,6 +196,27 @@ def test_delayed_start_keeps_hybrid_and_kd_terms_out_until_it():
     assert float(terms["total"]) > float(terms["plain_ce"] + terms["weight_decay"] + terms["logit_kd"]) - 1e-6
 
 
+def test_delayed_start_with_a_pretrained_teacher_keeps_kd_from_step_0(tmp_path):
+    """KD first, hybrid paths later: the frozen teacher's logits are good from the start."""
+    source = architectures.build("resnet8", num_classes=CLASSES, input_shape=SHAPE, width=0.25)
+    source(tf.zeros((1, *SHAPE)), training=True)
+    source.save(tmp_path / "resnet.keras")
+    config = small_config(**{"teacher.mode": "pretrained", "teacher.path": str(tmp_path), "distill.kd_alpha": 0.0,
+                             "distill.logit_kd_alpha": 1.0, "distill.blend_start_epochs": 1.0})
+    setup = setup_for(config, teacher.resolve(config.teacher.path))
+    images, labels = batch()
+    terms = setup.train_step(one_batch_iterator(images, labels))
+    assert float(terms["blend"]) == 0.0 and float(terms["logit_kd"]) > 0
+    np.testing.assert_allclose(float(terms["total"]),
+                               float(terms["plain_ce"] + terms["weight_decay"] + terms["logit_kd"]), rtol=1e-6)
+    setup.step.assign(STEPS_PER_EPOCH)
+    terms = setup.train_step(one_batch_iterator(images, labels))
+    assert float(terms["blend"]) == pytest.approx(1.0)
+    hybrid = sum(float(v) for k, v in terms.items() if k.startswith("hybrid_ce_"))
+    np.testing.assert_allclose(float(terms["total"]), float(terms["plain_ce"] + terms["weight_decay"]
+                                                            + terms["logit_kd"]) + hybrid, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- schedules and KD
 
 

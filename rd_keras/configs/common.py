@@ -41,7 +41,7 @@ def get_config():
     config.distill = ml_collections.ConfigDict({
         "blend_floor": 0.0,  # m(t) decays by cosine from 1 to this ...
         "blend_epochs": 100.0,  # ... over this many epochs, then stays there
-        "blend_start_epochs": 0.0,  # m(t) = 0 (and no KD) for this many epochs first, e.g. while a joint teacher learns
+        "blend_start_epochs": 0.0,  # m(t) = 0 for this many epochs first (a joint teacher: no KD either)
         "kd_alpha": 0.0,  # weight of the T^2-scaled KL(teacher || hybrid) terms; 0 = no KD
         "logit_kd_alpha": 0.0,  # weight of T^2 KL(teacher || plain) on the plain net's own logits (plain KD)
         "temperature": 4.0,
