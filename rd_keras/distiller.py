@@ -65,13 +65,14 @@ class ResidualDistiller(keras.Model):
         teacher_mode: "pretrained" (default: the teacher is trained already and stays frozen; this sets
             `teacher.trainable = False`) or "joint" (trained alongside on its own CE, by `teacher_optimizer`).
         hybrid_points: "stages", "every_k_blocks:K" or "b1,b2,..." (see `rd_keras.hybrid`).
+        hybrid_entry: "direct" or "rescale" (plain features scaled to the teacher's per-channel RMS).
         blend: m(t), a number or a schedule of the step (`rd_keras.BlendSchedule`).
         kd_alpha, temperature, weight_decay, normalize: as `losses.LossConfig`; `weight_decay` is the L2
             term of the objective (give the optimizers none of their own).
     """
 
-    def __init__(self, teacher, student, *, teacher_mode="pretrained", hybrid_points=hybrid.STAGES, blend=1.0,
-                 kd_alpha=0.0, temperature=4.0, weight_decay=0.0, normalize=False,
+    def __init__(self, teacher, student, *, teacher_mode="pretrained", hybrid_points=hybrid.STAGES,
+                 hybrid_entry="direct", blend=1.0, kd_alpha=0.0, temperature=4.0, weight_decay=0.0, normalize=False,
                  name="residual_distiller", **kwargs):
         if teacher_mode not in TEACHER_MODES:
             raise ValueError(f"`teacher_mode` must be one of {TEACHER_MODES}. Received: "
@@ -95,7 +96,7 @@ class ResidualDistiller(keras.Model):
         self.teacher_mode, self.hybrid_points, self.blend = teacher_mode, hybrid_points, blend
         self.loss_config = losses.LossConfig(global_batch_size=None, weight_decay=weight_decay,
                                              temperature=temperature, kd_alpha=kd_alpha, normalize=normalize)
-        self.paths = hybrid.build_paths(student, teacher, hybrid_points)
+        self.paths = hybrid.build_paths(student, teacher, hybrid_points, hybrid_entry)
         self.teacher_optimizer = None
         self._teacher_optimizer_arg = None
         joint, n = teacher_mode == "joint", len(points)
@@ -233,7 +234,7 @@ class ResidualDistiller(keras.Model):
         t = self.eval_trackers
         t["loss"].update_state(losses.cross_entropy(labels, out["logits"]))
         t["accuracy"].update_state(labels, out["logits"])
-        for i, logits in enumerate(self.paths.logits(out), start=1):
+        for i, logits in enumerate(self.paths.logits(out, images), start=1):
             t[f"hybrid_{i}_accuracy"].update_state(labels, logits)
         t["teacher_accuracy"].update_state(labels, self.teacher(images, training=False)["logits"])
         return self._logs(t, images, labels, out["logits"])
@@ -257,7 +258,8 @@ class ResidualDistiller(keras.Model):
         blend = self.blend if not callable(self.blend) else keras.saving.serialize_keras_object(self.blend)
         return {"name": self.name, "teacher": keras.saving.serialize_keras_object(self.teacher),
                 "student": keras.saving.serialize_keras_object(self.student), "teacher_mode": self.teacher_mode,
-                "hybrid_points": self.hybrid_points, "blend": blend, "kd_alpha": self.loss_config.kd_alpha,
+                "hybrid_points": self.hybrid_points, "hybrid_entry": self.paths.entry,
+                "blend": blend, "kd_alpha": self.loss_config.kd_alpha,
                 "temperature": self.loss_config.temperature, "weight_decay": self.loss_config.weight_decay,
                 "normalize": self.loss_config.normalize}
 

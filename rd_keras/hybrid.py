@@ -19,11 +19,16 @@ import dataclasses
 import re
 
 import keras
+import tensorflow as tf
 
 from rd_keras import architectures
 
 STAGES = "stages"
 NONE = "none"  # no hybrid path: the teacher reaches the plain net only through KD on its logits
+# How plain features enter a teacher tail: as they are (the paper), or rescaled per channel to the teacher's
+# root mean square at the same point. A ResNet's residual stream grows with depth (ResNet-110's stage
+# outputs are ~4x a plain-110's), and a tail in inference mode normalises by the teacher's statistics.
+ENTRIES = ("direct", "rescale")
 
 
 def block_outputs(model) -> list[str]:
@@ -85,22 +90,50 @@ class HybridPaths:
     points: tuple
     tails: tuple
     taps: keras.Model
+    entry: str = "direct"
+    teacher_taps: keras.Model | None = None  # teacher input -> {point: tensor}, for entry="rescale"
 
-    def logits(self, plain_outputs) -> list:
-        """Logits of every hybrid path, given the dict output of `taps`.
+    def logits(self, plain_outputs, images=None) -> list:
+        """Logits of every hybrid path, given the dict output of `taps` (and the images, for
+        entry="rescale", whose teacher features set each channel's scale).
 
         The tails run in inference mode: the teacher's BatchNorm uses its moving statistics, so plain-net
         features never leak into the teacher's statistics. Gradients still flow through the tails into the
         plain net's early layers, which is what the hybrid losses are for.
         """
-        return [tail(plain_outputs[p], training=False) for p, tail in zip(self.points, self.tails)]
+        inputs = [plain_outputs[p] for p in self.points]
+        if self.entry == "rescale" and self.points:
+            if images is None:
+                raise ValueError("Hybrid paths with entry='rescale' need the images: logits(outputs, images).")
+            found = self.teacher_taps(images, training=False)
+            inputs = [rescale(x, tf.stop_gradient(found[p])) for x, p in zip(inputs, self.points)]
+        return [tail(x, training=False) for x, tail in zip(inputs, self.tails)]
 
 
-def build_paths(plain, teacher, spec: str = STAGES) -> HybridPaths:
-    """The hybrid paths from `plain` into `teacher` at the points `spec` chooses (see `hybrid_points`)."""
+def rescale(plain, teacher, epsilon=1e-6):
+    """`plain` with each channel scaled so that its root mean square over the batch and space equals
+    `teacher`'s. A scale, not a shift: post-ReLU zeros stay zeros. The gradient flows through the plain
+    net's own RMS, as through BatchNorm's batch statistics, so the tail sees the feature's pattern, not its
+    size."""
+    axes = list(range(len(plain.shape) - 1))
+    x = tf.cast(plain, tf.float32)
+    rms_plain = tf.sqrt(tf.reduce_mean(tf.square(x), axis=axes) + epsilon)
+    rms_teacher = tf.sqrt(tf.reduce_mean(tf.square(tf.cast(teacher, tf.float32)), axis=axes) + epsilon)
+    return tf.cast(x * (rms_teacher / rms_plain), plain.dtype)
+
+
+def build_paths(plain, teacher, spec: str = STAGES, entry: str = "direct") -> HybridPaths:
+    """The hybrid paths from `plain` into `teacher` at the points `spec` chooses (see `hybrid_points`);
+    `entry` (one of ENTRIES) says how the plain features enter the teacher's tails."""
+    if entry not in ENTRIES:
+        raise ValueError(f"distill.hybrid_entry must be one of {ENTRIES}. Received: hybrid_entry={entry!r}")
     points = tuple(hybrid_points(block_outputs(teacher), spec, teacher.name))
     outputs = dict(plain.output)
     for p in points:
         outputs.setdefault(p, plain.get_layer(p).output)
     taps = keras.Model(plain.input, outputs, name=f"{plain.name}_taps")
-    return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps)
+    teacher_taps = None
+    if entry == "rescale" and points:
+        teacher_taps = keras.Model(teacher.input, {p: teacher.get_layer(p).output for p in points},
+                                   name=f"{teacher.name}_taps")
+    return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps, entry, teacher_taps)

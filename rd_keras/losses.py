@@ -123,7 +123,7 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
     if (cfg.kd_alpha > 0 and paths.points) or cfg.logit_kd_alpha > 0:
         soft_targets = tf.stop_gradient(teacher(images, training=False)["logits"])
     hybrid_sum = tf.constant(0.0)
-    for i, logits in enumerate(paths.logits(out), start=1):
+    for i, logits in enumerate(paths.logits(out, images), start=1):
         terms[f"hybrid_ce_{i}"] = mean(cross_entropy(labels, logits))
         hybrid_sum += terms[f"hybrid_ce_{i}"]
         if soft_targets is not None:

@@ -244,7 +244,7 @@ def build_eval_step(strategy, model, teacher=None, paths=None):
         if teacher is not None:
             teacher_logits = teacher(images, training=False)["logits"]
             sums["teacher_correct"] = tf.reduce_sum(accuracy(labels, teacher_logits))
-            for i, logits in enumerate(paths.logits(out), start=1):
+            for i, logits in enumerate(paths.logits(out, images), start=1):
                 sums[f"hybrid_correct_{i}"] = tf.reduce_sum(accuracy(labels, logits))
         return sums
 

@@ -222,7 +222,7 @@ def _distill(ctx) -> Nets:
         ctx.teacher_source, model_config=m, num_classes=ctx.info.num_classes, input_shape=ctx.info.image_shape)
     if m.student_init == "teacher" and ctx.fresh:
         transfer.copy_shared_weights(resnet, plain)
-    paths = hybrid.build_paths(plain, resnet, d.hybrid_points)
+    paths = hybrid.build_paths(plain, resnet, d.hybrid_points, d.hybrid_entry)
 
     def blend(s):
         return schedules.blend_weight(s, steps_per_epoch=ctx.steps_per_epoch, floor=d.blend_floor,
@@ -274,6 +274,8 @@ def _check_distill(config):
     _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
     _number(d.blend_floor, "distill.blend_floor", 0, 1)
     _number(d.blend_epochs, "distill.blend_epochs", 0)
+    _check(d.hybrid_entry in hybrid.ENTRIES,
+           f"config.distill.hybrid_entry must be one of {hybrid.ENTRIES}, got {d.hybrid_entry!r}.")
     _check(architectures.get_spec(m.arch).blocks[1:],
            f"config.model.arch={m.arch!r} has one stage: there is no stage boundary for a hybrid path.")
     try:
@@ -339,7 +341,8 @@ TRAIN_MODES = tuple(MODES)
 
 
 # Keys that weigh the hybrid paths only: with distill.hybrid_points="none" (KD alone) they change nothing.
-_HYBRID_PATH_KEYS = ("distill.blend_epochs", "distill.blend_floor", "distill.kd_alpha", "distill.normalize")
+_HYBRID_PATH_KEYS = ("distill.blend_epochs", "distill.blend_floor", "distill.kd_alpha", "distill.normalize",
+                     "distill.hybrid_entry")
 
 
 def training_settings(config) -> dict:

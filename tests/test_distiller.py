@@ -61,6 +61,7 @@ def make_distiller(config, teacher_mode="joint", **kwargs):
     teacher = architectures.build("resnet8", **NET)
     student = twins.make_plain(teacher)
     d = distiller.ResidualDistiller(teacher, student, teacher_mode=teacher_mode, blend=blend,
+                                    hybrid_entry=config.distill.hybrid_entry,
                                     kd_alpha=config.distill.kd_alpha, temperature=config.distill.temperature,
                                     weight_decay=config.train.weight_decay, normalize=config.distill.normalize)
 
@@ -78,8 +79,9 @@ def weights(model):
 # ----------------------------------------------------------------------------- the step itself
 
 
-def test_train_step_equals_the_trainer_step():
-    config = small_config(**{"distill.kd_alpha": 0.5, "distill.normalize": True})
+@pytest.mark.parametrize("entry", ["direct", "rescale"])
+def test_train_step_equals_the_trainer_step(entry):
+    config = small_config(**{"distill.kd_alpha": 0.5, "distill.normalize": True, "distill.hybrid_entry": entry})
     setup = train_lib.build_setup(config, INFO, tf.distribute.get_strategy(), STEPS_PER_EPOCH)
     d = make_distiller(config)
     d.student.set_weights(setup.trained["plain"].get_weights())
@@ -102,6 +104,8 @@ def test_train_step_equals_the_trainer_step():
             np.testing.assert_allclose(ours_v.numpy(), theirs_v.numpy(), rtol=1e-5, atol=1e-6,
                                        err_msg=f"{role}: {ours_v.path}")
     assert int(d.optimizer.iterations.numpy()) == int(d.teacher_optimizer.iterations.numpy()) == 2
+    assert d.get_config()["hybrid_entry"] == entry
+    assert distiller.ResidualDistiller.from_config(d.get_config()).paths.entry == entry
 
 
 def test_mixed_float16_step_is_finite_and_loss_scaled():

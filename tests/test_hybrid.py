@@ -137,3 +137,40 @@ def test_paths_inside_a_stage_equal_the_teacher_run_from_that_block(nets):
         np.testing.assert_allclose(tail(feature, training=False).numpy(), reference, rtol=1e-5, atol=1e-5)
     # And fed the plain features, the hybrid logits differ from the teacher's.
     assert not np.allclose(paths.logits(out)[0].numpy(), reference, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- entry into the tails
+
+
+def test_rescale_matches_each_channels_rms_and_keeps_zeros():
+    plain = tf.nn.relu(tf.random.stateless_normal((4, 5, 5, 3), seed=(3, 4)))
+    teacher = 7.0 * tf.nn.relu(tf.random.stateless_normal((4, 5, 5, 3), seed=(5, 6))) + 1.0
+    out = hybrid.rescale(plain, teacher).numpy()
+    rms = lambda x: np.sqrt(np.mean(np.square(x), axis=(0, 1, 2)))  # noqa: E731
+    np.testing.assert_allclose(rms(out), rms(teacher.numpy()), rtol=1e-4)
+    np.testing.assert_array_equal(out == 0, plain.numpy() == 0)
+    np.testing.assert_allclose(hybrid.rescale(3.0 * plain, teacher).numpy(), out, rtol=1e-5)  # size-free
+
+
+def test_rescaled_entry_feeds_each_tail_the_rescaled_plain_features(nets):
+    teacher, plain, images = nets
+    paths = hybrid.build_paths(plain, teacher, "stages", entry="rescale")
+    out = paths.taps(images, training=False)
+    with pytest.raises(ValueError, match="need the images"):
+        paths.logits(out)
+    own = teacher(images, training=False)
+    direct = hybrid.build_paths(plain, teacher, "stages").logits(out)
+    for i, (logits, tail) in enumerate(zip(paths.logits(out, images), paths.tails), start=1):
+        expected = tail(hybrid.rescale(out[f"stage{i}"], own[f"stage{i}"]), training=False)
+        np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+        assert not np.allclose(logits.numpy(), direct[i - 1].numpy(), atol=1e-3)
+    with tf.GradientTape() as tape:  # the hybrid gradient still reaches the plain net's first stage
+        loss = tf.add_n([tf.reduce_sum(x) for x in paths.logits(paths.taps(images, training=True), images)])
+    grads = tape.gradient(loss, [v for v in plain.trainable_variables if v.path.startswith("stage1_")])
+    assert grads and all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+def test_unknown_entry_is_refused(nets):
+    teacher, plain, _ = nets
+    with pytest.raises(ValueError, match="hybrid_entry='scaled'"):
+        hybrid.build_paths(plain, teacher, "stages", entry="scaled")

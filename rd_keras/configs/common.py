@@ -48,6 +48,8 @@ def get_config():
         "normalize": False,  # divide the CE terms by the number of paths (hybrid + plain), as the official code
         # where hybrid paths start: "stages", "every_k_blocks:K", "b1,b2,..." or "none" (KD baseline)
         "hybrid_points": "stages",
+        # "direct" (the paper) or "rescale": plain features scaled per channel to the teacher's RMS at the point
+        "hybrid_entry": "direct",
     })
 
     config.train = ml_collections.ConfigDict({
