@@ -8,12 +8,15 @@ are made of.
 import json
 import os
 
+import keras
+import numpy as np
 import pytest
 
 from rd_keras import bench
 from rd_keras.bench import accuracy as bench_accuracy
 from rd_keras.bench import accuracy_report, accuracy_reuse
 from rd_keras.bench import common as bench_common
+from rd_keras.bench import feature_scale
 
 TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,8 +91,8 @@ def test_memory(results_dir, capsys):
 def test_train_step(results_dir, capsys):
     path = results_dir / "train_step.json"
     out = _run(["train-step", "--arch=resnet8", "--width=0.25", "--quick", "--kinds=resnet,rd_joint,kd",
-                f"--json={path}"], capsys)
-    assert "rd_joint" in out
+                "--hybrid_entry=rescale", f"--json={path}"], capsys)
+    assert "rd_joint" in out and _load(path)["settings"]["hybrid_entry"] == "rescale"
     (result,) = _load(path)["results"]
     (combo,) = result["combinations"]
     assert combo["precision"] == "float32" and combo["jit_compile"] is False and "skipped" not in combo
@@ -219,6 +222,20 @@ def test_accuracy_smoke(results_dir, tmp_path, capsys, monkeypatch):
                 "--train_subset=512", "--runs=resnet,rd_pretrained", "--override=data.eval_subset=256",
                 f"--out={tmp_path}/runs"], capsys)
     assert "reused" in out
+    # feature-scale on the distilled run: per-point RMS of the teacher's and the plain net's features.
+    scale_json = tmp_path / "scale.json"
+    student = f"{tmp_path}/runs/{runs['rd_pretrained']['name']}"
+    out = _run(["feature-scale", f"--workdir={student}", "--images=64", f"--json={scale_json}"], capsys)
+    rows = _load(scale_json)["results"]
+    assert [r["point"] for r in rows] == ["stage1", "stage2"] and "teacher RMS" in out
+    assert all(r["images"] == 64 and r["teacher_rms"] > 0 and r["plain_rms"] > 0 for r in rows)
+    from rd_keras import data
+    from rd_keras.export import workdir_export
+    config, plain = workdir_export.load_workdir(student)
+    images = np.concatenate([x.numpy() for x, _ in data.pipelines(config)[1]])[:64]
+    stage1 = keras.Model(plain.input, plain.get_layer("stage1").output)(images, training=False)
+    assert rows[0]["plain_rms"] == pytest.approx(float(np.sqrt(np.mean(np.square(stage1), (0, 1, 2))).mean()),
+                                                 rel=1e-4)
     # With the workdirs gone, the rows of the results file stand in for them, number for number ...
     os.rename(tmp_path / "runs", tmp_path / "gone")
     again = tmp_path / "again.json"
@@ -272,11 +289,23 @@ def test_report_without_results_fails_clearly(tmp_path, capsys):
     (["accuracy", "--depths=21"], "21"),
     (["accuracy", "--seeds=0,x"], "0,x"),
     (["train-step", "--arch=resnet20", "--hybrid_points=every_k_blocks:0"], "every_k_blocks:0"),
+    (["train-step", "--arch=resnet20", "--hybrid_entry=scaled"], "scaled"),
 ])
 def test_bad_flags_are_named(args, quoted, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(args)
     assert e.value.code == 2 and quoted in capsys.readouterr().err
+
+
+def test_channel_rms_is_per_channel():
+    x = np.stack([np.full((2, 3, 3), 3.0), np.tile([[[-4.0]], [[4.0]]], (1, 3, 3))], axis=-1)
+    np.testing.assert_allclose(feature_scale.channel_rms(x), [3.0, 4.0])
+
+
+def test_feature_scale_refuses_a_missing_workdir(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["feature-scale", f"--workdir={tmp_path}/nowhere"])
+    assert e.value.code == 2 and "nowhere" in capsys.readouterr().err
 
 
 def test_interleaved_alternates_order_and_respects_run_bounds():

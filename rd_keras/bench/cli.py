@@ -5,6 +5,7 @@
     python -m rd_keras.bench train-step  [--arch=resnet56] [--json=F]
     python -m rd_keras.bench accuracy    [--epochs=5 --width=0.5 --train_subset=10000] [--out=runs/acc]
     python -m rd_keras.bench transfer    [--depth=20 --width=0.5 --epochs=2] [--out=runs/transfer] [--json=F]
+    python -m rd_keras.bench feature-scale --workdir=W [--workdir=...] [--json=F]
     python -m rd_keras.bench report      (docs/results/*.json -> docs/results.md and docs/img/*.png)
 
 Every sub-command prints a table and, with `--json`, writes every number with the machine, the settings
@@ -28,6 +29,7 @@ COMMANDS = {
     "train-step": "rd_keras.bench.train_step",
     "accuracy": "rd_keras.bench.accuracy",
     "transfer": "rd_keras.bench.transfer",
+    "feature-scale": "rd_keras.bench.feature_scale",
     "report": "rd_keras.bench.report",
 }
 

@@ -52,6 +52,9 @@ def add_arguments(parser):
     parser.add_argument("--hybrid_points", default="stages",
                         help="where the RD steps' hybrid paths start: stages, every_k_blocks:K or a list of "
                              "block numbers (default: %(default)s, one path per stage boundary)")
+    parser.add_argument("--hybrid_entry", default="direct",
+                        help="how plain features enter the teacher tails: direct or rescale (which adds a "
+                             "teacher forward to the last hybrid point) (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="most timed rounds (default: %(default)s)")
     parser.add_argument("--min_runs", type=int, default=3, help="fewest timed rounds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1,
@@ -83,6 +86,7 @@ def _settings(args):
         "budget_s": float(common.check_positive(args.budget_s, "--budget_s", allow_zero=True)),
         "timeout_s": float(common.check_positive(args.timeout_s, "--timeout_s")),
         "hybrid_points": args.hybrid_points,
+        "hybrid_entry": args.hybrid_entry,
         "quick": bool(args.quick),
         "optimizer": {"name": "SGD", "lr": LR, "momentum": MOMENTUM, "nesterov": NESTEROV,
                       "weight_decay": WEIGHT_DECAY},
@@ -124,7 +128,8 @@ def build_step(kind, pair, settings, precision, jit):
     else:
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
-        paths = hybrid.build_paths(plain, teacher, hybrid.NONE if kind == "kd" else settings["hybrid_points"])
+        paths = hybrid.build_paths(plain, teacher, hybrid.NONE if kind == "kd" else settings["hybrid_points"],
+                                   settings.get("hybrid_entry", "direct"))
         if kind in ("kd", "rd_kd"):
             cfg = dataclasses.replace(cfg, logit_kd_alpha=1.0)
         trained = [plain, teacher] if joint else [plain]
@@ -226,6 +231,8 @@ def run(args):
         hybrid.hybrid_points(architectures.block_output_names(args.arch), args.hybrid_points, args.arch)
     except ValueError as e:
         raise common.FlagError(f"--hybrid_points: {e}") from None
+    if args.hybrid_entry not in hybrid.ENTRIES:
+        raise common.FlagError(f"--hybrid_entry must be one of {hybrid.ENTRIES}, got {args.hybrid_entry!r}.")
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     combos = [(p, j == "on") for p in settings["precisions"] for j in settings["jit"]]
     results = [bench_combination(pair, settings, p, j) for p, j in common.progress(combos, "combinations")]
