@@ -223,7 +223,7 @@ def test_accuracy_smoke(results_dir, tmp_path, capsys, monkeypatch):
                 f"--out={tmp_path}/runs"], capsys)
     assert "reused" in out
     # feature-scale on the distilled run: per-point RMS of the teacher's and the plain net's features.
-    scale_json = tmp_path / "scale.json"
+    scale_json = results_dir / "feature_scale.json"
     student = f"{tmp_path}/runs/{runs['rd_pretrained']['name']}"
     out = _run(["feature-scale", f"--workdir={student}", "--images=64", f"--json={scale_json}"], capsys)
     rows = _load(scale_json)["results"]
@@ -266,7 +266,8 @@ def test_report(results_dir, tmp_path, capsys):
     sections = {"inference": ("## Inference speed", "inference.png"),
                 "memory": ("## Feature-map memory", "memory.png"),
                 "train_step": ("## Training step throughput", None),
-                "accuracy": ("## Accuracy", "accuracy_curves.png")}
+                "accuracy": ("## Accuracy", "accuracy_curves.png"),
+                "feature_scale": ("## Feature scale at the hybrid points", None)}
     for name in present:
         heading, png = sections[name]
         assert heading in text

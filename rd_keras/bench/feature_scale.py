@@ -101,6 +101,20 @@ def table(rows) -> str:
         ["workdir", "arch", "point", "teacher RMS", "plain RMS", "ratio (median)"])
 
 
+def report_section(payload) -> str:
+    """The docs/results.md section of a `--json` payload."""
+    rows = [[r["workdir"], r["point"], r["teacher_rms"], r["plain_rms"], r["ratio"]] for r in payload["results"]]
+    return "\n\n".join([
+        "## Feature scale at the hybrid points",
+        common.provenance(payload),
+        f"Per-channel root mean square of the features at each hybrid point, on {payload['settings']['images']} "
+        "evaluation images, averaged over channels; **ratio** = median over channels of teacher / plain. The "
+        "teacher's tail normalises its input with its own BatchNorm statistics: a ratio far from 1 is an input "
+        "of a size the tail never saw.",
+        common.md_table(rows, ["run", "point", "teacher RMS", "plain RMS", "ratio"]),
+    ])
+
+
 def run(args):
     load_at_start = common.load_average()
     common.check_positive(args.images, "--images")

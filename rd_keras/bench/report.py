@@ -16,7 +16,7 @@ from rd_keras.bench import common
 from rd_keras.bench.common import md_table, provenance
 
 FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
-         "transfer": "transfer.json",
+         "transfer": "transfer.json", "feature-scale": "feature_scale.json",
          "accuracy": "accuracy.json"}
 PAPER = {"speedup": 1.4, "memory_ratio": 1.25, "memory_share": 0.40}
 
@@ -262,6 +262,10 @@ def run(args):
         from rd_keras.bench import transfer as bench_transfer
 
         sections.append(bench_transfer.report_section(found["transfer"]))
+    if "feature-scale" in found:
+        from rd_keras.bench import feature_scale
+
+        sections.append(feature_scale.report_section(found["feature-scale"]))
     notes = os.path.join(args.results_dir, "notes.md")
     if os.path.isfile(notes):  # hand-written reading of the numbers, kept next to the JSON it discusses
         with open(notes) as f:
