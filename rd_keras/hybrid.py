@@ -91,11 +91,14 @@ class HybridPaths:
     tails: tuple
     taps: keras.Model
     entry: str = "direct"
-    teacher_taps: keras.Model | None = None  # teacher input -> {point: tensor}, for entry="rescale"
+    # teacher input -> {point: tensor, "logits": ...}, for entry="rescale": one teacher forward gives the
+    # scales and the KD targets
+    teacher_taps: keras.Model | None = None
 
-    def logits(self, plain_outputs, images=None) -> list:
-        """Logits of every hybrid path, given the dict output of `taps` (and the images, for
-        entry="rescale", whose teacher features set each channel's scale).
+    def logits(self, plain_outputs, images=None, teacher_outputs=None) -> list:
+        """Logits of every hybrid path, given the dict output of `taps`. For entry="rescale" the teacher's
+        features at the points set each channel's scale: pass `teacher_outputs` (the output of
+        `teacher_taps` on these images), or the images, and the teacher runs here.
 
         The tails run in inference mode: the teacher's BatchNorm uses its moving statistics, so plain-net
         features never leak into the teacher's statistics. Gradients still flow through the tails into the
@@ -103,9 +106,9 @@ class HybridPaths:
         """
         inputs = [plain_outputs[p] for p in self.points]
         if self.entry == "rescale" and self.points:
-            if images is None:
+            if images is None and teacher_outputs is None:
                 raise ValueError("Hybrid paths with entry='rescale' need the images: logits(outputs, images).")
-            found = self.teacher_taps(images, training=False)
+            found = teacher_outputs if teacher_outputs is not None else self.teacher_taps(images, training=False)
             inputs = [rescale(x, tf.stop_gradient(found[p])) for x, p in zip(inputs, self.points)]
         return [tail(x, training=False) for x, tail in zip(inputs, self.tails)]
 
@@ -134,6 +137,7 @@ def build_paths(plain, teacher, spec: str = STAGES, entry: str = "direct") -> Hy
     taps = keras.Model(plain.input, outputs, name=f"{plain.name}_taps")
     teacher_taps = None
     if entry == "rescale" and points:
-        teacher_taps = keras.Model(teacher.input, {p: teacher.get_layer(p).output for p in points},
-                                   name=f"{teacher.name}_taps")
+        found = {p: teacher.get_layer(p).output for p in points}
+        found["logits"] = teacher.get_layer("logits").output
+        teacher_taps = keras.Model(teacher.input, found, name=f"{teacher.name}_taps")
     return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps, entry, teacher_taps)

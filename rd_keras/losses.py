@@ -119,11 +119,14 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
     terms = {"plain_ce": mean(cross_entropy(labels, out["logits"])),
              "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(paths.taps, cfg.weight_decay)),
              "train_acc": mean(accuracy(labels, out["logits"]))}
+    # A rescaled entry runs the teacher for its features at the points; the same call gives the KD targets.
+    teacher_out = paths.teacher_taps(images, training=False) if paths.teacher_taps is not None else None
     soft_targets = None
     if (cfg.kd_alpha > 0 and paths.points) or cfg.logit_kd_alpha > 0:
-        soft_targets = tf.stop_gradient(teacher(images, training=False)["logits"])
+        found = teacher_out if teacher_out is not None else teacher(images, training=False)
+        soft_targets = tf.stop_gradient(found["logits"])
     hybrid_sum = tf.constant(0.0)
-    for i, logits in enumerate(paths.logits(out, images), start=1):
+    for i, logits in enumerate(paths.logits(out, images, teacher_out), start=1):
         terms[f"hybrid_ce_{i}"] = mean(cross_entropy(labels, logits))
         hybrid_sum += terms[f"hybrid_ce_{i}"]
         if soft_targets is not None:

@@ -164,6 +164,11 @@ def test_rescaled_entry_feeds_each_tail_the_rescaled_plain_features(nets):
         expected = tail(hybrid.rescale(out[f"stage{i}"], own[f"stage{i}"]), training=False)
         np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
         assert not np.allclose(logits.numpy(), direct[i - 1].numpy(), atol=1e-3)
+    # One teacher call gives both the scales and the KD targets: its logits are the teacher's.
+    found = paths.teacher_taps(images, training=False)
+    np.testing.assert_array_equal(found["logits"].numpy(), own["logits"].numpy())
+    for a, b in zip(paths.logits(out, teacher_outputs=found), paths.logits(out, images)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
     with tf.GradientTape() as tape:  # the hybrid gradient still reaches the plain net's first stage
         loss = tf.add_n([tf.reduce_sum(x) for x in paths.logits(paths.taps(images, training=True), images)])
     grads = tape.gradient(loss, [v for v in plain.trainable_variables if v.path.startswith("stage1_")])
