@@ -173,13 +173,13 @@ def test_configs_load_and_validate(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_default_to_the_chosen_recipe(name):
-    """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1 and KD on the
-    plain logits (the recipe the depth-56 study chose on validation); its own ResNet trained first unless a
-    teacher is named."""
+    """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1, KD on the
+    plain logits and the rescaled entry into the teacher's tails (the recipe chosen on validation at depths
+    56 and 110); its own ResNet trained first unless a teacher is named."""
     config = load_config(name)
     d = config.distill
     assert (config.teacher.mode, config.model.dirac, config.model.dirac_beta, d.blend_floor, d.logit_kd_alpha,
-            d.hybrid_points) == ("pretrained", True, 0.1, 1.0, 1.0, "stages")
+            d.hybrid_points, d.hybrid_entry) == ("pretrained", True, 0.1, 1.0, 1.0, "stages", "rescale")
     if name == "imagenet":
         assert config.teacher.path == "keras.applications.ResNet50" and config.data.normalization == "caffe"
     else:
