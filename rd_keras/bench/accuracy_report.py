@@ -67,7 +67,8 @@ def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.p
                 "each run)" if validated else "")
     depths = ", ".join(str(d) for d in sorted({r["depth"] for r in summary}, reverse=True))
     parts = [
-        f"## Accuracy at depth {depths}: can RD make a plain net match its ResNet?",
+        f"## Accuracy at depth {depths}: can RD make a plain net match its ResNet? "
+        f"({', '.join(dict.fromkeys(r['kind'] for r in summary))})",
         provenance(payload),
         f"Budget: {b['epochs']} epochs on {subset} training images{held_out}, width {b['width']}, batch "
         f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
