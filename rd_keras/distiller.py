@@ -234,9 +234,8 @@ class ResidualDistiller(keras.Model):
         t = self.eval_trackers
         t["loss"].update_state(losses.cross_entropy(labels, out["logits"]))
         t["accuracy"].update_state(labels, out["logits"])
-        taps = self.paths.teacher_taps  # a rescaled entry's one teacher call: its features and logits
-        found = (self.teacher if taps is None else taps)(images, training=False)
-        for i, logits in enumerate(self.paths.logits(out, images, None if taps is None else found), start=1):
+        found = self.paths.teacher_outputs(self.teacher, images)
+        for i, logits in enumerate(self.paths.logits(out, found), start=1):
             t[f"hybrid_{i}_accuracy"].update_state(labels, logits)
         t["teacher_accuracy"].update_state(labels, found["logits"])
         return self._logs(t, images, labels, out["logits"])

@@ -119,14 +119,13 @@ def distill_losses(paths, teacher, images, labels, *, blend, cfg: LossConfig, jo
     terms = {"plain_ce": mean(cross_entropy(labels, out["logits"])),
              "weight_decay": tf.nn.scale_regularization_loss(l2_penalty(paths.taps, cfg.weight_decay)),
              "train_acc": mean(accuracy(labels, out["logits"]))}
-    # A rescaled entry runs the teacher for its features at the points; the same call gives the KD targets.
-    teacher_out = paths.teacher_taps(images, training=False) if paths.teacher_taps is not None else None
-    soft_targets = None
-    if (cfg.kd_alpha > 0 and paths.points) or cfg.logit_kd_alpha > 0:
-        found = teacher_out if teacher_out is not None else teacher(images, training=False)
-        soft_targets = tf.stop_gradient(found["logits"])
+    # One teacher call, when KD needs its logits or a rescaled entry its features.
+    wants_targets = (cfg.kd_alpha > 0 and paths.points) or cfg.logit_kd_alpha > 0
+    teacher_out = (paths.teacher_outputs(teacher, images)
+                   if wants_targets or paths.teacher_taps is not None else None)
+    soft_targets = tf.stop_gradient(teacher_out["logits"]) if wants_targets else None
     hybrid_sum = tf.constant(0.0)
-    for i, logits in enumerate(paths.logits(out, images, teacher_out), start=1):
+    for i, logits in enumerate(paths.logits(out, teacher_out), start=1):
         terms[f"hybrid_ce_{i}"] = mean(cross_entropy(labels, logits))
         hybrid_sum += terms[f"hybrid_ce_{i}"]
         if soft_targets is not None:

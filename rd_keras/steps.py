@@ -242,10 +242,9 @@ def build_eval_step(strategy, model, teacher=None, paths=None):
                 "correct": tf.reduce_sum(accuracy(labels, out["logits"])),
                 "ce": tf.reduce_sum(cross_entropy(labels, out["logits"]))}
         if teacher is not None:
-            taps = paths.teacher_taps  # a rescaled entry's one teacher call: its features and logits
-            found = (teacher if taps is None else taps)(images, training=False)
+            found = paths.teacher_outputs(teacher, images)
             sums["teacher_correct"] = tf.reduce_sum(accuracy(labels, found["logits"]))
-            for i, logits in enumerate(paths.logits(out, images, None if taps is None else found), start=1):
+            for i, logits in enumerate(paths.logits(out, found), start=1):
                 sums[f"hybrid_correct_{i}"] = tf.reduce_sum(accuracy(labels, logits))
         return sums
 

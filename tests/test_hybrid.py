@@ -156,21 +156,21 @@ def test_rescaled_entry_feeds_each_tail_the_rescaled_plain_features(nets):
     teacher, plain, images = nets
     paths = hybrid.build_paths(plain, teacher, "stages", entry="rescale")
     out = paths.taps(images, training=False)
-    with pytest.raises(ValueError, match="need the images"):
+    with pytest.raises(ValueError, match="need the teacher's features"):
         paths.logits(out)
     own = teacher(images, training=False)
-    direct = hybrid.build_paths(plain, teacher, "stages").logits(out)
-    for i, (logits, tail) in enumerate(zip(paths.logits(out, images), paths.tails), start=1):
+    found = paths.teacher_outputs(teacher, images)
+    # One teacher call gives both the scales and the KD targets: its logits are the teacher's.
+    np.testing.assert_array_equal(found["logits"].numpy(), own["logits"].numpy())
+    direct_paths = hybrid.build_paths(plain, teacher, "stages")
+    assert direct_paths.teacher_outputs(teacher, images).keys() == own.keys()  # the direct entry: the teacher
+    direct = direct_paths.logits(out)
+    for i, (logits, tail) in enumerate(zip(paths.logits(out, found), paths.tails), start=1):
         expected = tail(hybrid.rescale(out[f"stage{i}"], own[f"stage{i}"]), training=False)
         np.testing.assert_allclose(logits.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
         assert not np.allclose(logits.numpy(), direct[i - 1].numpy(), atol=1e-3)
-    # One teacher call gives both the scales and the KD targets: its logits are the teacher's.
-    found = paths.teacher_taps(images, training=False)
-    np.testing.assert_array_equal(found["logits"].numpy(), own["logits"].numpy())
-    for a, b in zip(paths.logits(out, teacher_outputs=found), paths.logits(out, images)):
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
     with tf.GradientTape() as tape:  # the hybrid gradient still reaches the plain net's first stage
-        loss = tf.add_n([tf.reduce_sum(x) for x in paths.logits(paths.taps(images, training=True), images)])
+        loss = tf.add_n([tf.reduce_sum(x) for x in paths.logits(paths.taps(images, training=True), found)])
     grads = tape.gradient(loss, [v for v in plain.trainable_variables if v.path.startswith("stage1_")])
     assert grads and all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
 

@@ -53,8 +53,8 @@ def add_arguments(parser):
                         help="where the RD steps' hybrid paths start: stages, every_k_blocks:K or a list of "
                              "block numbers (default: %(default)s, one path per stage boundary)")
     parser.add_argument("--hybrid_entry", default="direct",
-                        help="how plain features enter the teacher tails: direct or rescale (which adds a "
-                             "teacher forward to the last hybrid point) (default: %(default)s)")
+                        help="how plain features enter the teacher tails: direct or rescale (which needs a "
+                             "teacher forward, the one KD makes when it is on) (default: %(default)s)")
     parser.add_argument("--runs", type=int, default=20, help="most timed rounds (default: %(default)s)")
     parser.add_argument("--min_runs", type=int, default=3, help="fewest timed rounds (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1,
@@ -129,7 +129,7 @@ def build_step(kind, pair, settings, precision, jit):
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
         paths = hybrid.build_paths(plain, teacher, hybrid.NONE if kind == "kd" else settings["hybrid_points"],
-                                   settings.get("hybrid_entry", "direct"))
+                                   settings["hybrid_entry"])
         if kind in ("kd", "rd_kd"):
             cfg = dataclasses.replace(cfg, logit_kd_alpha=1.0)
         trained = [plain, teacher] if joint else [plain]
