@@ -83,6 +83,7 @@ def validate(config):
     _number(t.lr, "train.lr", 0, low_open=True)
     _number(t.momentum, "train.momentum", 0, 1)
     _number(t.weight_decay, "train.weight_decay", 0)
+    _number(t.global_clipnorm, "train.global_clipnorm", 0)
     _number(t.warmup_epochs, "train.warmup_epochs", 0)
     _check(t.warmup_epochs < t.epochs, f"config.train.warmup_epochs={t.warmup_epochs!r} must be less than "
            f"train.epochs={t.epochs!r}.")
@@ -384,7 +385,7 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
     extras = {"lr": lr_fn, **nets.extras}
     trained = nets.trained
     # One optimizer per trained net: each applies only its own net's gradients.
-    updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables)
+    updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables, t.global_clipnorm)
                for objective, model in zip(nets.objectives, trained.values())]
     for u in updates:
         u.optimizer.build(u.variables)

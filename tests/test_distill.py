@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, data, distill, hybrid, schedules, teacher, train_lib
+from rd_keras import architectures, data, distill, hybrid, schedules, steps, teacher, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE, CLASSES, BATCH = (16, 16, 3), 10, 8
@@ -279,6 +279,35 @@ def test_nan_skip_changes_nothing():
     assert float(terms["skipped"]) == 0.0 and int(setup.step.numpy()) == 2
 
 
+def _one_linear_step(optimizer, clipnorm, poison=1.0, nan_skip=False):
+    """w after one step of SGD(lr=1) from w = 0 on loss = poison * sum(w * x): the gradient is x, norm 5."""
+    w = keras.Variable(np.zeros(3, np.float32))
+    x = tf.constant([3.0, 4.0, 0.0])
+    optimizer.build([w])
+    train_step = steps.build_train_step(
+        tf.distribute.get_strategy(), lambda images, labels: {"total": poison * tf.reduce_sum(w * x)},
+        [steps.Update("total", optimizer, [w], global_clipnorm=clipnorm)], step=tf.Variable(0, dtype=tf.int64),
+        nan_skip=nan_skip)
+    terms = train_step(one_batch_iterator(*batch()))
+    return w.numpy(), terms
+
+
+@pytest.mark.parametrize("clipnorm, expected", [(0.0, [-3.0, -4.0, 0.0]), (10.0, [-3.0, -4.0, 0.0]),
+                                                (1.0, [-0.6, -0.8, 0.0]), (2.5, [-1.5, -2.0, 0.0])])
+def test_global_clipnorm_scales_the_gradient_down_to_the_norm(clipnorm, expected):
+    w, _ = _one_linear_step(keras.optimizers.SGD(1.0), clipnorm)
+    np.testing.assert_allclose(w, expected, rtol=1e-6)
+    # With a loss scale, the norm is of the unscaled gradient: the same update.
+    scaled, _ = _one_linear_step(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0)), clipnorm)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
+
+
+def test_global_clipnorm_keeps_nan_gradients_for_the_skip():
+    w, terms = _one_linear_step(keras.optimizers.SGD(1.0), 1.0, poison=float("nan"), nan_skip=True)
+    assert float(terms["skipped"]) == 1.0
+    np.testing.assert_array_equal(w, np.zeros(3))
+
+
 def test_mixed_float16_step_is_finite_and_loss_scaled():
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -315,7 +344,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from test_distill import BATCH, INFO, STEPS_PER_EPOCH, batch, small_config
 
     keras.utils.set_random_seed(0)
-    config = small_config(**{"distill.kd_alpha": 0.5, "data.batch_size": 2 * BATCH})
+    config = small_config(**{"distill.kd_alpha": 0.5, "data.batch_size": 2 * BATCH,
+                             "train.global_clipnorm": float(sys.argv[3])})
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert mirrored.num_replicas_in_sync == 2
     with mirrored.scope():
@@ -347,11 +377,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_mirrored_two_replicas_match_single_device(tmp_path):
+# A clip norm well under the gradient's: the factor must come from the summed gradient, not each replica's.
+@pytest.mark.parametrize("clipnorm", ["0.0", "0.05"])
+def test_mirrored_two_replicas_match_single_device(tmp_path, clipnorm):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests")], env=env,
+    proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests"), clipnorm], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "MIRRORED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 

@@ -60,6 +60,8 @@ def get_config():
         "momentum": defaults.MOMENTUM,
         "nesterov": defaults.NESTEROV,
         "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += weight_decay/2 * sum ||kernel||^2 (PyTorch SGD)
+        # > 0: each net's gradient (the whole batch's, all replicas) scaled down to this global norm if larger
+        "global_clipnorm": 0.0,
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
         "precision": "float32",  # or "mixed_float16" (loss-scaled)
