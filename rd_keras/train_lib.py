@@ -83,7 +83,6 @@ def validate(config):
     _number(t.lr, "train.lr", 0, low_open=True)
     _number(t.momentum, "train.momentum", 0, 1)
     _number(t.weight_decay, "train.weight_decay", 0)
-    _number(t.global_clipnorm, "train.global_clipnorm", 0)
     _number(t.warmup_epochs, "train.warmup_epochs", 0)
     _check(t.warmup_epochs < t.epochs, f"config.train.warmup_epochs={t.warmup_epochs!r} must be less than "
            f"train.epochs={t.epochs!r}.")
@@ -275,6 +274,7 @@ def _check_distill(config):
     _number(d.logit_kd_alpha, "distill.logit_kd_alpha", 0)
     _number(d.blend_floor, "distill.blend_floor", 0, 1)
     _number(d.blend_epochs, "distill.blend_epochs", 0)
+    _number(d.global_clipnorm, "distill.global_clipnorm", 0)
     _check(d.hybrid_entry in hybrid.ENTRIES,
            f"config.distill.hybrid_entry must be one of {hybrid.ENTRIES}, got {d.hybrid_entry!r}.")
     _check(architectures.get_spec(m.arch).blocks[1:],
@@ -385,8 +385,10 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
     extras = {"lr": lr_fn, **nets.extras}
     trained = nets.trained
     # One optimizer per trained net: each applies only its own net's gradients.
-    updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables, t.global_clipnorm)
-               for objective, model in zip(nets.objectives, trained.values())]
+    clipnorm = config.distill.global_clipnorm if t.mode == "distill" else 0.0
+    updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables,
+                            clipnorm if role == "plain" else 0.0)
+               for objective, (role, model) in zip(nets.objectives, trained.items())]
     for u in updates:
         u.optimizer.build(u.variables)
     train_step = steps.build_train_step(

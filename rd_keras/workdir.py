@@ -43,6 +43,8 @@ TEACHER_DIR = "teacher"  # the phase-1 teacher run of the two-phase pretrained r
 BENCH_RUN_FILE = "bench_run.json"  # `bench accuracy` marks a finished run with it (its DONE_FILE)
 # Top-level sections of config.json that are derived from the config, not part of it.
 DERIVED_SECTIONS = ("dataset", "run")
+# Keys of config.json renamed since some runs recorded them: {old dotted key: its name now}.
+RENAMED_KEYS = {"train.global_clipnorm": "distill.global_clipnorm"}
 # Keys a rerun may change without starting a new workdir: they affect bookkeeping or speed, not results.
 RESUME_MUTABLE_KEYS = frozenset({
     "train.log_every_steps", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.steps_per_run",

@@ -467,6 +467,13 @@ def test_reuse_ignores_settings_a_run_does_not_use_and_keys_newer_than_it(tmp_pa
     assert accuracy_reuse.finished(run)
     with pytest.raises(bench_common.FlagError, match="distill.blend_start_epochs: 0.0 in the run, 1.0 now"):
         accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.blend_start_epochs=1"]})
+    # A key recorded under its older name counts under its name now.
+    (tmp_path / "renamed").mkdir()
+    run = _finished_run(tmp_path / "renamed", RD, edit=lambda t: [t["distill"].pop("global_clipnorm"),
+                                                                  t["train"].update(global_clipnorm=2.0)])
+    assert accuracy_reuse.finished({**run, "command": [*run["command"], "--config.distill.global_clipnorm=2"]})
+    with pytest.raises(bench_common.FlagError, match="distill.global_clipnorm: 2.0 in the run, 0.0 now"):
+        accuracy_reuse.finished(run)
 
 
 def test_reuse_json_refuses_files_it_cannot_check(tmp_path):

@@ -345,7 +345,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
     keras.utils.set_random_seed(0)
     config = small_config(**{"distill.kd_alpha": 0.5, "data.batch_size": 2 * BATCH,
-                             "train.global_clipnorm": float(sys.argv[3])})
+                             "distill.global_clipnorm": float(sys.argv[3])})
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert mirrored.num_replicas_in_sync == 2
     with mirrored.scope():

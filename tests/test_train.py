@@ -218,7 +218,7 @@ def synthetic_config(**overrides):
     ("train.nan_policy", "maybe", "'maybe'"),
     ("model.arch", "resnet9", "6n\\+2"),
     ("teacher.joint_update", "later", "'later'"),
-    ("train.global_clipnorm", -1.0, "train.global_clipnorm must be a number .*got -1.0"),
+    ("distill.global_clipnorm", -1.0, "distill.global_clipnorm must be a number .*got -1.0"),
 ])
 def test_bad_config_fails_before_touching_the_workdir(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):

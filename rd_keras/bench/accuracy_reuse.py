@@ -55,10 +55,12 @@ def settings_of_workdir(workdir) -> dict:
 
 
 def _diff(ran, now) -> dict:
-    """Keys whose value differs. A key newer than the run stands at its library default
+    """Keys whose value differs. A key the run recorded under an older name counts under its name now
+    (`workdir.RENAMED_KEYS`); a key newer than the run stands at its library default
     (`rd_keras.configs.common`), the value that keeps the behaviour the code had before the key existed."""
     from rd_keras.configs import common as library
 
+    ran = {wd.RENAMED_KEYS.get(key, key): value for key, value in ran.items()}
     newer = wd.flat_config(library.get_config())
     pairs = {key: (ran.get(key, newer.get(key, _ABSENT)), now.get(key, _ABSENT)) for key in sorted({*ran, *now})}
     return {key: pair for key, pair in pairs.items() if pair[0] != pair[1]}

@@ -50,6 +50,9 @@ def get_config():
         "hybrid_points": "stages",
         # "direct" (the paper) or "rescale": plain features scaled per channel to the teacher's RMS at the point
         "hybrid_entry": "direct",
+        # > 0: the plain student's gradient (the whole batch's, all replicas) scaled down to this global norm
+        # when larger; a teacher, joint or trained first, is not clipped
+        "global_clipnorm": 0.0,
     })
 
     config.train = ml_collections.ConfigDict({
@@ -60,8 +63,6 @@ def get_config():
         "momentum": defaults.MOMENTUM,
         "nesterov": defaults.NESTEROV,
         "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += weight_decay/2 * sum ||kernel||^2 (PyTorch SGD)
-        # > 0: each net's gradient (the whole batch's, all replicas) scaled down to this global norm if larger
-        "global_clipnorm": 0.0,
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
         "precision": "float32",  # or "mixed_float16" (loss-scaled)
