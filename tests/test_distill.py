@@ -302,6 +302,24 @@ def test_global_clipnorm_scales_the_gradient_down_to_the_norm(clipnorm, expected
     np.testing.assert_allclose(scaled, expected, rtol=1e-6)
 
 
+def test_global_clipnorm_clips_the_student_not_the_joint_teacher():
+    clip = 1e-3
+    config = small_config(**{"distill.global_clipnorm": clip})
+    setup = setup_for(config)
+    before = {role: [v.numpy().copy() for v in m.trainable_variables] for role, m in setup.trained.items()}
+    lr = float(setup.train_step(one_batch_iterator(*batch()))["lr"])
+
+    def moved(role):
+        return math.sqrt(sum(float(np.sum((v.numpy() - b) ** 2))
+                             for v, b in zip(setup.trained[role].trainable_variables, before[role])))
+
+    # SGD's first step from zero momentum moves the weights by lr * gradient, Nesterov's by (1 + momentum) times that.
+    step = lr * (1 + config.train.momentum if config.train.nesterov else 1)
+    assert step > 0
+    np.testing.assert_allclose(moved("plain"), step * clip, rtol=1e-3)
+    assert moved("resnet") > 100 * step * clip
+
+
 def test_global_clipnorm_keeps_nan_gradients_for_the_skip():
     w, terms = _one_linear_step(keras.optimizers.SGD(1.0), 1.0, poison=float("nan"), nan_skip=True)
     assert float(terms["skipped"]) == 1.0
