@@ -20,13 +20,13 @@ SUM = tf.distribute.ReduceOp.SUM
 
 @dataclasses.dataclass(frozen=True)
 class Update:
-    """One optimizer minimising `terms[objective]` w.r.t. `variables`; with `global_clipnorm` > 0 the
-    gradient is scaled down to that global norm when it is larger (see `clip_to_global_norm`)."""
+    """One optimizer minimising `terms[objective]` w.r.t. `variables`; with a `clip` (a
+    `clipping.NormClip`) the gradient is scaled down to its cap when its global norm is larger."""
 
     objective: str
     optimizer: keras.optimizers.Optimizer
     variables: list
-    global_clipnorm: float = 0.0
+    clip: object = None
 
 
 def is_loss_scaled(optimizer):
@@ -37,24 +37,6 @@ def is_loss_scaled(optimizer):
 def scale_loss(optimizer, loss):
     """`loss` as `optimizer` wants it differentiated: scaled by a LossScaleOptimizer, else as is."""
     return optimizer.scale_loss(loss) if is_loss_scaled(optimizer) else loss
-
-
-def clip_to_global_norm(ctx, update, grads):
-    """This replica's share of `update`'s gradient, scaled so that the whole gradient (summed over replicas,
-    unscaled by the loss scale) has a global norm of at most `update.global_clipnorm`. The factor comes from
-    the summed gradient, so every replica uses the same one and the scaled shares sum to the clipped gradient
-    (keras' own `global_clipnorm` clips each replica's share by itself). Non-finite gradients stay
-    non-finite, for the NaN skip or the loss scale to see."""
-    if not update.global_clipnorm:
-        return grads
-    present = [g for g in grads if g is not None]
-    whole = ctx.all_reduce(SUM, present) if ctx.num_replicas_in_sync > 1 else present
-    norm = tf.linalg.global_norm([tf.cast(g, tf.float32) for g in whole])
-    if is_loss_scaled(update.optimizer):
-        norm = norm / tf.cast(update.optimizer.dynamic_scale, tf.float32)
-    # A zero or NaN norm keeps the factor at 1; an infinite one gives 0, and 0 * inf = NaN.
-    factor = tf.where(norm > update.global_clipnorm, update.global_clipnorm / norm, 1.0)
-    return [None if g is None else g * tf.cast(factor, g.dtype) for g in grads]
 
 
 def _all_finite(tensors):
@@ -161,7 +143,10 @@ def build_train_step(strategy, loss_fn, updates, *, step, state_variables=(), na
 
         def apply(grads):
             for u, g in zip(phase_updates, grads):
-                u.optimizer.apply(clip_to_global_norm(tf.distribute.get_replica_context(), u, g), u.variables)
+                if u.clip is not None:
+                    g = u.clip(tf.distribute.get_replica_context(), g,
+                               u.optimizer.dynamic_scale if is_loss_scaled(u.optimizer) else None)
+                u.optimizer.apply(g, u.variables)
 
         finite = tf.constant(True)
         if nan_skip:

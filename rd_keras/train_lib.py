@@ -28,7 +28,7 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import (architectures, channels, checkpointing, data, hybrid, losses, pretrained, schedules,
+from rd_keras import (architectures, channels, checkpointing, clipping, data, hybrid, losses, pretrained, schedules,
                       sources, steps, teacher, transfer)
 from rd_keras import workdir as wd
 from rd_keras.defaults import TEACHER_MODES
@@ -275,6 +275,9 @@ def _check_distill(config):
     _number(d.blend_floor, "distill.blend_floor", 0, 1)
     _number(d.blend_epochs, "distill.blend_epochs", 0)
     _number(d.global_clipnorm, "distill.global_clipnorm", 0)
+    _number(d.relative_clipnorm, "distill.relative_clipnorm", 0)
+    _check(not 0 < d.relative_clipnorm <= 1, f"config.distill.relative_clipnorm must be 0 (off) or > 1: a cap at "
+           f"or below the running mean of the norm binds on about every other step, got {d.relative_clipnorm!r}.")
     _check(d.hybrid_entry in hybrid.ENTRIES,
            f"config.distill.hybrid_entry must be one of {hybrid.ENTRIES}, got {d.hybrid_entry!r}.")
     _check(architectures.get_spec(m.arch).blocks[1:],
@@ -384,10 +387,15 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
                                  transfer_source, fresh))
     extras = {"lr": lr_fn, **nets.extras}
     trained = nets.trained
-    # One optimizer per trained net: each applies only its own net's gradients.
-    clipnorm = config.distill.global_clipnorm if t.mode == "distill" else 0.0
+    # One optimizer per trained net: each applies only its own net's gradients. Only the distilled plain
+    # student is clipped: a teacher (joint, or the recipe's first phase) trains as the ResNet alone does.
+    d = config.distill
+    clip = (clipping.NormClip(d.global_clipnorm, d.relative_clipnorm, name="plain_clip")
+            if t.mode == "distill" and (d.global_clipnorm or d.relative_clipnorm) else None)
+    if clip is not None:
+        extras.update(clip.metrics("plain"))
     updates = [steps.Update(objective, _optimizer(config, lr_fn), model.trainable_variables,
-                            clipnorm if role == "plain" else 0.0)
+                            clip if role == "plain" else None)
                for objective, (role, model) in zip(nets.objectives, trained.items())]
     for u in updates:
         u.optimizer.build(u.variables)
@@ -398,7 +406,8 @@ def build_setup(config, info, strategy, steps_per_epoch, teacher_source=None, tr
         grad_norms=steps.GradNorms(nets.diagnosed.trainable_variables, nets.diagnosed_terms)
         if t.grad_norms else None)
     objects = {"step": step, "epoch": epoch, **trained,
-               **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)}}
+               **{f"{role}_optimizer": u.optimizer for role, u in zip(trained, updates)},
+               **({"plain_clip": clip} if clip is not None else {})}
     return Setup(trained, nets.teacher, train_step, eval_step=nets.eval_step, checkpoint_objects=objects,
                  step=step, epoch=epoch, hybrid_points=nets.hybrid_points)
 

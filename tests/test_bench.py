@@ -384,6 +384,10 @@ def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
     assert accuracy_report.plot_grad_norms(payload, str(tmp_path / "g.png"))
     accuracy_report.plot_curves(payload, str(tmp_path / "c.png"))
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0
+    # A clipped run logs its step's global norm: not a per-stage norm, so alone it makes no plot.
+    for r in results:
+        r["train_curves"] = {"step": [50, 100], "grad_norm/step/plain": [2.0, 1.5], "clipped/plain": [1.0, 0.0]}
+    assert not accuracy_report.plot_grad_norms(payload, str(tmp_path / "none.png"))
 
 
 def _finished_run(workdir, flags, ran_flags=None, edit=None):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from rd_keras import architectures, data, distill, hybrid, schedules, steps, teacher, train_lib
+from rd_keras import architectures, clipping, data, distill, hybrid, schedules, steps, teacher, train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE, CLASSES, BATCH = (16, 16, 3), 10, 8
@@ -286,7 +286,8 @@ def _one_linear_step(optimizer, clipnorm, poison=1.0, nan_skip=False):
     optimizer.build([w])
     train_step = steps.build_train_step(
         tf.distribute.get_strategy(), lambda images, labels: {"total": poison * tf.reduce_sum(w * x)},
-        [steps.Update("total", optimizer, [w], global_clipnorm=clipnorm)], step=tf.Variable(0, dtype=tf.int64),
+        [steps.Update("total", optimizer, [w], clipping.NormClip(clipnorm) if clipnorm else None)],
+        step=tf.Variable(0, dtype=tf.int64),
         nan_skip=nan_skip)
     terms = train_step(one_batch_iterator(*batch()))
     return w.numpy(), terms
@@ -307,7 +308,11 @@ def test_global_clipnorm_clips_the_student_not_the_joint_teacher():
     config = small_config(**{"distill.global_clipnorm": clip})
     setup = setup_for(config)
     before = {role: [v.numpy().copy() for v in m.trainable_variables] for role, m in setup.trained.items()}
-    lr = float(setup.train_step(one_batch_iterator(*batch()))["lr"])
+    terms = setup.train_step(one_batch_iterator(*batch()))
+    lr = float(terms["lr"])
+    # The logs say the step was clipped, and from which norm.
+    assert float(terms["clipped/plain"]) == 1.0 and float(terms["grad_norm/step/plain"]) > 100 * clip
+    assert "plain_clip" in setup.checkpoint_objects
 
     def moved(role):
         return math.sqrt(sum(float(np.sum((v.numpy() - b) ** 2))
@@ -324,6 +329,48 @@ def test_global_clipnorm_keeps_nan_gradients_for_the_skip():
     w, terms = _one_linear_step(keras.optimizers.SGD(1.0), 1.0, poison=float("nan"), nan_skip=True)
     assert float(terms["skipped"]) == 1.0
     np.testing.assert_array_equal(w, np.zeros(3))
+
+
+def _clipped_norm(clip, scale):
+    """The global norm of `clip` applied to the gradient (3, 4) * scale (norm 5 * scale) on one device."""
+    grads = clip(tf.distribute.get_replica_context(), [tf.constant([3.0, 4.0]) * scale, None])
+    assert grads[1] is None
+    return float(tf.linalg.global_norm(grads[:1]))
+
+
+def test_relative_clipnorm_caps_a_jump_at_a_multiple_of_the_running_mean():
+    clip = clipping.NormClip(relative=3.0)
+    assert [_clipped_norm(clip, 1.0) for _ in range(3)] == pytest.approx([5.0] * 3)  # ordinary steps pass
+    assert float(clip.last_clipped) == 0.0
+    assert _clipped_norm(clip, 10.0) == pytest.approx(15.0, rel=1e-5)  # a 10x jump: 3 x the mean of 5
+    assert float(clip.last_norm) == pytest.approx(50.0) and float(clip.last_clipped) == 1.0
+    # The mean takes the clipped norm (15), not the spike's 50: bias-corrected EMA of 5, 5, 5, 15.
+    weights = [0.01 * 0.99 ** k for k in (3, 2, 1, 0)]
+    mean = sum(w * n for w, n in zip(weights, (5, 5, 5, 15))) / sum(weights)
+    assert float(clip.cap()) == pytest.approx(3 * mean, rel=1e-5)
+    assert _clipped_norm(clip, 2.0) == pytest.approx(10.0)  # under the cap again
+    before = float(clip.cap())
+    assert math.isnan(_clipped_norm(clip, float("nan")))  # stays non-finite for the NaN policy...
+    assert float(clip.cap()) == before  # ... and leaves the mean alone
+
+
+def test_relative_clipnorm_leaves_the_first_step_to_the_fixed_cap():
+    assert _clipped_norm(clipping.NormClip(relative=1.5), 100.0) == pytest.approx(500.0)  # no mean yet
+    both = clipping.NormClip(global_clipnorm=4.0, relative=1.5)
+    assert _clipped_norm(both, 1.0) == pytest.approx(4.0)  # the fixed cap holds from the first step
+    assert _clipped_norm(both, 2.0) == pytest.approx(4.0)  # the smaller cap: 4 < 1.5 x 4
+    assert _clipped_norm(both, 0.6) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"relative": 1.0}, r"relative_clipnorm must be 0 \(off\) or > 1: .* got 1.0"),
+    ({"relative": -2.0}, "relative_clipnorm must be a finite number >= 0 .* got -2.0"),
+    ({"global_clipnorm": float("inf")}, "global_clipnorm must be a finite number >= 0 .* got inf"),
+    ({}, "NormClip needs global_clipnorm > 0 or relative_clipnorm > 1; both are 0"),
+])
+def test_norm_clip_refuses_bad_caps(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        clipping.NormClip(**kwargs)
 
 
 def test_mixed_float16_step_is_finite_and_loss_scaled():
@@ -363,7 +410,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 
     keras.utils.set_random_seed(0)
     config = small_config(**{"distill.kd_alpha": 0.5, "data.batch_size": 2 * BATCH,
-                             "distill.global_clipnorm": float(sys.argv[3])})
+                             "distill.global_clipnorm": float(sys.argv[3]),
+                             "distill.relative_clipnorm": float(sys.argv[4])})
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     assert mirrored.num_replicas_in_sync == 2
     with mirrored.scope():
@@ -371,6 +419,11 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     single = train_lib.build_setup(config, INFO, tf.distribute.get_strategy(), STEPS_PER_EPOCH)
     for role in ("plain", "resnet"):
         single.trained[role].set_weights(multi.trained[role].get_weights())
+    if float(sys.argv[4]):
+        # A running norm of 0.04, as if after many small steps: the relative cap binds from the first step.
+        for setup in (multi, single):
+            setup.checkpoint_objects["plain_clip"].mean_sum.assign(0.04)
+            setup.checkpoint_objects["plain_clip"].mean_weight.assign(1.0)
 
     # Both halves of the global batch are the same images: per-replica BatchNorm statistics then equal the
     # global-batch statistics, so one device and two replicas must compute the same update.
@@ -391,17 +444,22 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             np.testing.assert_array_equal(copies[0], copies[1], err_msg="replicas differ: " + v.path)
             np.testing.assert_allclose(copies[0], w.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
     assert 0 <= float(multi_terms["train_acc"]) <= 1
+    clipped = float(sys.argv[3]) or float(sys.argv[4])
+    assert float(multi_terms.get("clipped/plain", 0.0)) == (1.0 if clipped else 0.0), multi_terms
     print("MIRRORED_OK", {k: round(float(v), 5) for k, v in multi_terms.items()})
 """)
 
 
 # A clip norm well under the gradient's: the factor must come from the summed gradient, not each replica's.
-@pytest.mark.parametrize("clipnorm", ["0.0", "0.05"])
-def test_mirrored_two_replicas_match_single_device(tmp_path, clipnorm):
+# A relative cap, started from a small running norm, binds the same way and keeps its running mean in
+# variables every replica updates alike.
+@pytest.mark.parametrize("clipnorm, relative", [("0.0", "0.0"), ("0.05", "0.0"), ("0.0", "1.01")])
+def test_mirrored_two_replicas_match_single_device(tmp_path, clipnorm, relative):
     script = tmp_path / "mirrored.py"
     script.write_text(MIRRORED_SCRIPT)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests"), clipnorm], env=env,
+    proc = subprocess.run([sys.executable, str(script), ROOT, os.path.join(ROOT, "tests"), clipnorm, relative],
+                          env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "MIRRORED_OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]
 

@@ -116,14 +116,17 @@ def test_any_pass_position_is_rebuilt_exactly():
         passes.one_pass(1, STEPS_PER_EPOCH)
 
 
-def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, deterministic, capsys):
+# The recipe clips at a fixed norm; a relative clip just over the running norm binds on many steps, and its
+# running mean is training state too.
+@pytest.mark.parametrize("clip", [{}, {"distill.relative_clipnorm": 1.01}], ids=["recipe_clip", "relative_clip"])
+def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, deterministic, capsys, clip):
     uninterrupted, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-    train_lib.run(smoke_config(**{"train.deterministic": True}), uninterrupted)
+    settings = {"train.deterministic": True, **clip}
+    train_lib.run(smoke_config(**settings), uninterrupted)
     # Stop 3 steps into the second epoch, then rerun the same command.
-    assert train_lib.run(smoke_config(**{"train.deterministic": True, "train.steps_per_run": 11}),
-                         resumed) is None
+    assert train_lib.run(smoke_config(**settings, **{"train.steps_per_run": 11}), resumed) is None
     assert latest_step(resumed) == 11
-    train_lib.run(smoke_config(**{"train.deterministic": True}), resumed)
+    train_lib.run(smoke_config(**settings), resumed)
     assert "resumed from step 11 of 16 (1 epochs done, 3 steps into the next)" in capsys.readouterr().out
 
     for name in (wd.PLAIN_FILE, wd.RESNET_FILE):
@@ -134,6 +137,7 @@ def test_resume_mid_epoch_ends_with_the_weights_of_an_uninterrupted_run(tmp_path
     b = checkpoint_values(os.path.join(resumed, wd.CHECKPOINT_DIR, "ckpt-16"))
     assert a.keys() == b.keys()
     assert any("plain_optimizer" in k for k in a) and any("resnet_optimizer" in k for k in a)
+    assert any("plain_clip/mean_sum" in k for k in a)
     for key in a:
         assert np.array_equal(a[key], b[key]), key
     with open(os.path.join(resumed, wd.METRICS_FILE)) as f:

@@ -221,6 +221,7 @@ def synthetic_config(**overrides):
     ("model.arch", "resnet9", "6n\\+2"),
     ("teacher.joint_update", "later", "'later'"),
     ("distill.global_clipnorm", -1.0, "distill.global_clipnorm must be a number .*got -1.0"),
+    ("distill.relative_clipnorm", 0.5, r"distill.relative_clipnorm must be 0 \(off\) or > 1: .*got 0.5"),
 ])
 def test_bad_config_fails_before_touching_the_workdir(tmp_path, key, value, message):
     with pytest.raises(ValueError, match=message):

@@ -219,8 +219,13 @@ def plot_grad_norms(payload, path):
     its own cross-entropy; dashed: the hybrid paths' cross-entropies (RD runs)."""
     import matplotlib.pyplot as plt
 
+    sources = (("plain", "-"), ("ce", "-"), ("hybrid", "--"), ("kd", ":"))
+
+    def per_stage(tag):  # grad_norm/<source>/<stage>; not the clipped step's global norm, grad_norm/step/<net>
+        return tag.startswith("grad_norm/") and tag.split("/")[1] in dict(sources)
+
     results = [r for r in payload["results"] if not r.get("failed") and any(
-        k.startswith("grad_norm/") for k in r.get("train_curves", {}))]
+        per_stage(k) for k in r.get("train_curves", {}))]
     if not results:
         return False
     depth = max(r["depth"] for r in results)
@@ -236,10 +241,9 @@ def plot_grad_norms(payload, path):
     fig, axes = plt.subplots(1, len(chosen), figsize=(4.5 * len(chosen), 4), squeeze=False, sharey=True)
     for ax, (kind, r) in zip(axes[0], chosen.items()):
         t = r["train_curves"]
-        stages = sorted({k.split("/")[2] for k in t if k.startswith("grad_norm/")},
-                        key=lambda s: (s != "stem", s == "logits", s))
+        stages = sorted({k.split("/")[2] for k in t if per_stage(k)}, key=lambda s: (s != "stem", s == "logits", s))
         for i, stage in enumerate(stages):
-            for source, style in (("plain", "-"), ("ce", "-"), ("hybrid", "--"), ("kd", ":")):
+            for source, style in sources:
                 values = t.get(f"grad_norm/{source}/{stage}")
                 if values:
                     points = [(s, v) for s, v in zip(t["step"], values) if v is not None]

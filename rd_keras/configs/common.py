@@ -53,6 +53,9 @@ def get_config():
         # > 0: the plain student's gradient (the whole batch's, all replicas) scaled down to this global norm
         # when larger; a teacher, joint or trained first, is not clipped
         "global_clipnorm": 0.0,
+        # > 1: the same, at this multiple of the running mean of the norm (catches a spike's sudden jump at
+        # any depth or width); with both set, the smaller cap holds
+        "relative_clipnorm": 0.0,
     })
 
     config.train = ml_collections.ConfigDict({
