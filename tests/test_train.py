@@ -174,14 +174,14 @@ def test_configs_load_and_validate(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_configs_default_to_the_chosen_recipe(name):
     """Every config's default: a frozen pretrained teacher, Dirac convs near identity, m(t) = 1, KD on the
-    plain logits, the rescaled entry into the teacher's tails and the student's gradient clipped at norm 2
-    (the recipe chosen on validation at depths 56 and 110); its own ResNet trained first unless a teacher
-    is named, and unclipped."""
+    plain logits, the rescaled entry into the teacher's tails and the student's gradient clipped at 3x its
+    running norm (the recipe chosen on validation at depths 20, 56 and 110); its own ResNet trained first
+    unless a teacher is named, and unclipped."""
     config = load_config(name)
     d = config.distill
     assert (config.teacher.mode, config.model.dirac, config.model.dirac_beta, d.blend_floor, d.logit_kd_alpha,
-            d.hybrid_points, d.hybrid_entry, d.global_clipnorm) == ("pretrained", True, 0.1, 1.0, 1.0, "stages",
-                                                                    "rescale", 2.0)
+            d.hybrid_points, d.hybrid_entry, d.global_clipnorm, d.relative_clipnorm) == (
+        "pretrained", True, 0.1, 1.0, 1.0, "stages", "rescale", 0.0, 3.0)
     if name == "imagenet":
         assert config.teacher.path == "keras.applications.ResNet50" and config.data.normalization == "caffe"
     else:
