@@ -28,6 +28,13 @@ def _nonnegative(value, name):
     return float(value)
 
 
+def check_relative(relative):
+    """Raises ValueError unless `relative` is 0 (off) or > 1 (the one rule for `distill.relative_clipnorm`)."""
+    if 0 < relative <= 1:
+        raise ValueError(f"relative_clipnorm must be 0 (off) or > 1: a cap at or below the running mean of the "
+                         f"norm binds on about every other step, got {relative!r}.")
+
+
 class NormClip(tf.Module):
     """Scales a gradient down to a global norm cap when larger: `global_clipnorm` (> 0), or `relative`
     times the running mean of the norms of the steps taken so far (> 1), or the smaller of the two.
@@ -43,9 +50,7 @@ class NormClip(tf.Module):
         super().__init__(name=name)
         self.global_clipnorm = _nonnegative(global_clipnorm, "global_clipnorm")
         self.relative = _nonnegative(relative, "relative_clipnorm")
-        if 0 < self.relative <= 1:
-            raise ValueError(f"relative_clipnorm must be 0 (off) or > 1: a cap at or below the running mean of "
-                             f"the norm binds on about every other step, got {relative!r}.")
+        check_relative(self.relative)
         if not (self.global_clipnorm or self.relative):
             raise ValueError("NormClip needs global_clipnorm > 0 or relative_clipnorm > 1; both are 0.")
 

@@ -276,8 +276,10 @@ def _check_distill(config):
     _number(d.blend_epochs, "distill.blend_epochs", 0)
     _number(d.global_clipnorm, "distill.global_clipnorm", 0)
     _number(d.relative_clipnorm, "distill.relative_clipnorm", 0)
-    _check(not 0 < d.relative_clipnorm <= 1, f"config.distill.relative_clipnorm must be 0 (off) or > 1: a cap at "
-           f"or below the running mean of the norm binds on about every other step, got {d.relative_clipnorm!r}.")
+    try:
+        clipping.check_relative(d.relative_clipnorm)
+    except ValueError as e:
+        raise ConfigError(f"config.distill.{e}") from None
     _check(d.hybrid_entry in hybrid.ENTRIES,
            f"config.distill.hybrid_entry must be one of {hybrid.ENTRIES}, got {d.hybrid_entry!r}.")
     _check(architectures.get_spec(m.arch).blocks[1:],
