@@ -60,3 +60,19 @@ def in_range(value, low, high=float("inf"), *, kinds=(int, float), low_open=Fals
 def interval(low, high=float("inf"), low_open=False) -> str:
     """'[0, 1]' or '(0, inf]', as the errors of `in_range` checks write it."""
     return f"{'(' if low_open else '['}{low}, {high}]"
+
+
+def require(ok, message):
+    """Raises ConfigError(message) unless `ok`: the config checks of `train_lib.validate` and the modes."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def require_choice(value, allowed, key):
+    require(value in allowed, f"config.{key} must be one of {allowed}, got {value!r}.")
+
+
+def require_number(value, key, low, high=float("inf"), integer=False, low_open=False):
+    ok = in_range(value, low, high, kinds=int if integer else (int, float), low_open=low_open)
+    require(ok, f"config.{key} must be {'an integer' if integer else 'a number'} in "
+            f"{interval(low, high, low_open)}, got {value!r}.")

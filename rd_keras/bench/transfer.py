@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
 from rd_keras.bench import accuracy as bench_accuracy
 from rd_keras import workdir as wd
-from rd_keras.bench import common
+from rd_keras.bench import common, runner
 
 FMNIST_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 RUNS = ("rd", "plain", "scratch")
@@ -122,11 +121,6 @@ def write_target_folder(root, data_dir, classes, n_train, n_test):
 # ----------------------------------------------------------------------------- the runs
 
 
-def _command(config, workdir, flags):
-    return [sys.executable, os.path.join(bench_accuracy.ROOT, "train.py"), f"--config={config}",
-            f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items())]
-
-
 def plan(args, source, target, runs):
     """One dict per train.py run, sources before the fine-tunes that need them."""
     out, arch = args.out, f"resnet{args.depth}"
@@ -158,7 +152,8 @@ def plan(args, source, target, runs):
                           {**tgt, "train.mode": "supervised", "model.arch": arch, "model.width": args.width,
                            "model.supervised_shortcuts": shortcuts, "train.lr": 0.1}))
     return [{"name": name, "needs": needs, "workdir": os.path.join(out, name),
-             "command": _command(config, os.path.join(out, name), flags)} for name, needs, config, flags in plans]
+             "command": runner.train_command(config, os.path.join(out, name), flags)}
+            for name, needs, config, flags in plans]
 
 
 def _final(workdir):
@@ -208,7 +203,7 @@ def run(args):
     counts = write_target_folder(os.path.join(args.out, "target"), args.data_dir, target, args.target_train,
                                  args.target_test)
     planned = plan(args, source, target, runs)
-    done, failed = bench_accuracy.execute(planned, 1)
+    done, failed = runner.execute(planned, 1)
     rows = summarize(planned, done)
     budget = {"depth": args.depth, "width": args.width, "source_epochs": args.epochs,
               "source_train_subset": args.train_subset, "source_classes": source, "target_classes": target,
