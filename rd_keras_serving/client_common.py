@@ -1,9 +1,9 @@
 """What the gRPC and REST clients share: the error type, the metadata and status summaries, the one-request
 module functions and the command line.
 
-Both clients expose the same `Client(host, port, model_name, timeout)` with `predict(...)`, `metadata(...)`
-and `status(...)`, so one implementation of the module functions and of the command line drives either
-protocol.
+Both clients expose the same `Client(host, port, model_name, timeout)` (a `ClientBase`) with
+`predict(...)`, `metadata(...)` and `status(...)`, so one implementation of the module functions and of the
+command line drives either protocol.
 """
 
 from __future__ import annotations
@@ -33,6 +33,28 @@ class ServingError(RuntimeError):
             message = f"TF Serving at {target} refused the request ({code}): {detail}"
         super().__init__(message)
         self.target, self.code, self.detail = target, code, detail
+
+
+class ClientBase:
+    """The arguments both clients take, checked the same way, and the context manager: `with Client(...) as
+    c:` closes it at the end (`close` releases what the protocol holds open)."""
+
+    def __init__(self, host: str, port: int, model_name: str, timeout: float = 10.0):
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.target = f"{host}:{port}"
+        self.model_name, self.timeout = model_name, timeout
+
+    def close(self) -> None:
+        """Nothing to release by default."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def summarize_metadata(model_spec: dict, signature_def_map: dict) -> dict[str, Any]:

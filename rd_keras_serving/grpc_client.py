@@ -39,16 +39,11 @@ from rd_keras_serving.client_common import ServingError
 _CHANNEL_OPTIONS = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1)]
 
 
-class Client:
+class Client(client_common.ClientBase):
     """One channel to one server and model; reuse it for many requests. A context manager."""
 
     def __init__(self, host: str, port: int, model_name: str, timeout: float = 10.0):
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.target = f"{host}:{port}"
-        self.model_name, self.timeout = model_name, timeout
+        super().__init__(host, port, model_name, timeout)
         self._channel = grpc.insecure_channel(self.target, options=_CHANNEL_OPTIONS)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
@@ -99,12 +94,6 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 predict, metadata, status = client_common.one_request_functions(Client, "gRPC")

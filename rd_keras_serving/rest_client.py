@@ -29,16 +29,9 @@ from rd_keras_serving.client_common import ServingError
 _HTTP_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
-class Client:
-    """Requests to one server and model. A context manager, like the gRPC client (nothing to release)."""
-
-    def __init__(self, host: str, port: int, model_name: str, timeout: float = 10.0):
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError(f"port must be an integer in 1..65535, got {port!r}")
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.target = f"{host}:{port}"
-        self.model_name, self.timeout = model_name, timeout
+class Client(client_common.ClientBase):
+    """Requests to one server and model. A context manager, like the gRPC client (urllib opens one
+    connection per request, so `close` has nothing to release)."""
 
     def _url(self, version: int | None, suffix: str) -> str:
         path = f"/v1/models/{urllib.request.quote(self.model_name, safe='')}"
@@ -87,15 +80,6 @@ class Client:
     def status(self, version: int | None = None) -> list[dict]:
         """`GET /v1/models/<name>[/versions/<v>]`, in the form of `client_common.summarize_status`."""
         return client_common.summarize_status(self._request(self._url(version, "")))
-
-    def close(self) -> None:
-        """Nothing to release: urllib opens one connection per request."""
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 predict, metadata, status = client_common.one_request_functions(Client, "REST")
