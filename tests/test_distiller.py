@@ -252,6 +252,7 @@ def test_backup_and_restore_continues_blend_and_learning_rate(tmp_path):
 # ----------------------------------------------------------------------------- MirroredStrategy
 
 MIRRORED_SCRIPT = textwrap.dedent("""
+    import os
     import sys
     import tensorflow as tf
 
@@ -263,6 +264,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     sys.path[:0] = [sys.argv[1], sys.argv[2]]
     from test_distiller import BATCH, batch, make_distiller, small_config
 
+    # Seeded like the in-process tests (conftest): with some random inits a pre-activation sits within rounding
+    # of zero, a ReLU flips between the two runs and one weight differs by ~1e-4 (found at seed 1, 1 init in 12).
+    keras.utils.set_random_seed(0)
     config = small_config(**{"distill.kd_alpha": 0.5})
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with mirrored.scope():
@@ -288,7 +292,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             np.testing.assert_array_equal(copies[0], copies[1], err_msg="replicas differ: " + v.path)
             np.testing.assert_allclose(copies[0], w.numpy(), rtol=1e-4, atol=1e-5, err_msg=v.path)
     assert int(multi.optimizer.iterations.numpy()) == 2
-    print("MIRRORED_OK", {k: round(v[-1], 5) for k, v in multi_logs.items()})
+    print("MIRRORED_OK", {k: round(v[-1], 5) for k, v in multi_logs.items()}, flush=True)
+    os._exit(0)  # TensorFlow's teardown can hang a loaded machine past the timeout after the result is printed
 """)
 
 
