@@ -111,6 +111,7 @@ def test_accuracy_plan_same_budget_for_every_run(tmp_path):
     assert [r["name"] for r in runs] == [f"d{d}_{k}" for d in (56, 20) for k in bench_accuracy.RUNS]
     # configs/fashion_mnist.py decays the hybrid loss over 20 of its 30 epochs: 2/3 of any shorter run.
     assert budget["epochs"] == 6 and budget["blend_epochs"] == pytest.approx(4.0)
+    assert (budget["kd_alpha"], budget["logit_kd_alpha"]) == (0.0, 1.0)  # the recipe's KD is on the plain logits
     for run in runs:
         flags = dict(a[2:].split("=", 1) for a in run["command"][2:])
         assert flags["config.train.epochs"] == "6" and flags["config.model.width"] == "0.5"
@@ -381,6 +382,11 @@ def test_accuracy_report_of_a_seeded_study_with_variants(tmp_path):
             "per seed (same teacher) +1.50, +0.50 points, mean +1.00 over 2 seed(s).") in text
     assert "| 3 |" in text.split("variant `kdv`")[1].split("\n")[0]  # 180 s = 3 min, teacher included
     assert "Code versions of these runs: git:a; git:b (the rows come from different versions)." in text
+    assert "to 0.0, KD weight on the hybrid logits (`distill.kd_alpha`) 0 (the config's;" in text  # older JSON
+    payload["budget"]["logit_kd_alpha"] = 1.0
+    assert ("KD weight on the hybrid logits (`distill.kd_alpha`) 0 and on the plain logits "
+            "(`distill.logit_kd_alpha`) 1.0 (the config's; a run kind or variant may set its own)"
+            in accuracy_report.section(payload, "img"))
     assert accuracy_report.plot_grad_norms(payload, str(tmp_path / "g.png"))
     accuracy_report.plot_curves(payload, str(tmp_path / "c.png"))
     assert (tmp_path / "g.png").stat().st_size > 0 and (tmp_path / "c.png").stat().st_size > 0

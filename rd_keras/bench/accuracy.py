@@ -155,7 +155,8 @@ def plan(args):
               "eval_subset": config.data.eval_subset, "batch_size": config.data.batch_size,
               "lr": config.train.lr, "warmup_epochs": config.train.warmup_epochs,
               "blend_epochs": blend_epochs, "blend_floor": config.distill.blend_floor,
-              "kd_alpha": config.distill.kd_alpha, "data_source": config.data.source,
+              "kd_alpha": config.distill.kd_alpha, "logit_kd_alpha": config.distill.logit_kd_alpha,
+              "data_source": config.data.source,
               "overrides": overrides, "seeds": seeds, "validation_split": args.validation_split,
               "variants": {name: {"run": base, **{k: v for k, v in o.items() if k != "seeds"}}
                            for name, base, o in variants}}

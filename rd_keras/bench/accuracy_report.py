@@ -44,6 +44,14 @@ def _summary(payload):
     return aggregate(payload["results"])
 
 
+def kd_weights(budget):
+    """The KD weights of a study's config; `logit_kd_alpha` is recorded since it became a recipe default."""
+    text = f"KD weight on the hybrid logits (`distill.kd_alpha`) {budget['kd_alpha']}"
+    if "logit_kd_alpha" in budget:
+        text += f" and on the plain logits (`distill.logit_kd_alpha`) {budget['logit_kd_alpha']}"
+    return text
+
+
 def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.png"):
     """The markdown section of one accuracy study; `curves` and `grad_norms` name its plots in `img` (None:
     no gradient-norm plot)."""
@@ -72,7 +80,8 @@ def section(payload, img, curves="accuracy_curves.png", grad_norms="grad_norms.p
         provenance(payload),
         f"Budget: {b['epochs']} epochs on {subset} training images{held_out}, width {b['width']}, batch "
         f"{b['batch_size']}, lr {b['lr']} (warm-up {b['warmup_epochs']} epoch, cosine), hybrid-loss decay "
-        f"over {b['blend_epochs']:.3g} epochs to {b['blend_floor']}, kd_alpha {b['kd_alpha']}; data "
+        f"over {b['blend_epochs']:.3g} epochs to {b['blend_floor']}, {kd_weights(b)} (the config's; a run "
+        f"kind or variant may set its own); data "
         f"`{b['data_source']}` from `{b['config']}`"
         + (f", overrides {b['overrides']}" if b["overrides"] else "")
         + f". Seeds {b.get('seeds', [0])}: means with the range over seeds in brackets. **gap closed** = "
