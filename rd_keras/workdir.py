@@ -8,7 +8,10 @@ Layout of a workdir `W`:
     W/tensorboard/{train,eval}/
     W/metrics.jsonl        one JSON object per evaluation
     W/plain.keras          the plain net alone; W/resnet.keras the ResNet when one was trained
-    W/export/              saved_model/<model_name>/<version>/, tflite/plain_<quant>.tflite, report.json
+    W/samples.npz          a fixed sample of calibration and test images (rd_keras.samples), so that the
+                           export needs no data directory
+    W/export/              saved_model/<model_name>/<version>/, tflite/plain_<quant>.tflite,
+                           tflite/labels.txt, report.json
     W/bench_run.json       written by `python -m rd_keras.bench accuracy` when the run finished
     W/teacher/             a workdir of its own: the ResNet that `teacher.mode=pretrained` with no
                            `teacher.path` trains first (phase 1 of the two-phase recipe)
@@ -23,9 +26,12 @@ the restored checkpoint when a run starts (`trim_metrics`).
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import subprocess
+
+import numpy as np
 
 from rd_keras.errors import WorkdirError  # noqa: F401  (raised here, caught by train.py as an RDError)
 
@@ -39,6 +45,10 @@ EXPORT_DIR = "export"
 SAVED_MODEL_DIR = "saved_model"  # under EXPORT_DIR: <model_name>/<version>/
 TFLITE_DIR = "tflite"  # under EXPORT_DIR
 REPORT_FILE = "report.json"  # under EXPORT_DIR
+LABELS_FILE = "labels.txt"  # under EXPORT_DIR/TFLITE_DIR: one class name a line, beside the .tflite files
+SAMPLES_FILE = "samples.npz"
+# The arrays of SAMPLES_FILE: uint8 images [n, H, W, C], int32 labels [n], the class names.
+SAMPLE_ARRAYS = ("calibration_images", "test_images", "test_labels", "label_names")
 TEACHER_DIR = "teacher"  # the phase-1 teacher run of the two-phase pretrained recipe
 BENCH_RUN_FILE = "bench_run.json"  # `bench accuracy` marks a finished run with it (its DONE_FILE)
 # Top-level sections of config.json that are derived from the config, not part of it.
@@ -107,6 +117,14 @@ def report_path(workdir: str) -> str:
     return os.path.join(workdir, EXPORT_DIR, REPORT_FILE)
 
 
+def labels_path(workdir: str) -> str:
+    return os.path.join(tflite_dir(workdir), LABELS_FILE)
+
+
+def samples_path(workdir: str) -> str:
+    return os.path.join(workdir, SAMPLES_FILE)
+
+
 def saved_model_file(workdir: str, names=(PLAIN_FILE, RESNET_FILE)):
     """The path of the first of `names` that `workdir` holds (a finished run's saved nets), or None."""
     for name in names:
@@ -145,6 +163,30 @@ def publish_dir(tmp_dir: str, target: str) -> None:
     """Renames the complete directory `tmp_dir` to `target`, which must not exist (never replaced: an
     OSError with EEXIST or ENOTEMPTY says another writer got there first)."""
     os.rename(tmp_dir, target)
+
+
+# --- the stored samples ---------------------------------------------------------------------------------
+
+def write_samples(workdir: str, **arrays) -> None:
+    """Writes SAMPLES_FILE atomically from the arrays named in SAMPLE_ARRAYS (all of them)."""
+    if sorted(arrays) != sorted(SAMPLE_ARRAYS):
+        raise ValueError(f"{SAMPLES_FILE} holds exactly {SAMPLE_ARRAYS}. Received: {sorted(arrays)}")
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_atomic(samples_path(workdir), buffer.getvalue())
+
+
+def read_samples(workdir: str):
+    """{name: array} of SAMPLES_FILE, or None for a workdir without one (trained before it existed)."""
+    path = samples_path(workdir)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            arrays = {name: stored[name] for name in SAMPLE_ARRAYS}
+    except (OSError, KeyError, ValueError) as e:
+        raise WorkdirError(f"{path}: unreadable ({e}). Delete it to export from the data directory.") from None
+    return arrays
 
 
 # --- config.json and metrics.jsonl ---------------------------------------------------------------------

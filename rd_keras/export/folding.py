@@ -131,7 +131,13 @@ def float32_copy(model, name=None):
     return _rebuild(model, name, fold_layers=False)
 
 
-def _rebuild(model, name, fold_layers):
+def behind(front, weights, model, name=None):
+    """`model` (one input) rebuilt layer for layer behind the new single-input layer `front`, which gets
+    `weights`: one flat graph (a nested model would hide its layers from a layer-by-layer rebuild, QAT's)."""
+    return _rebuild(model, name, fold_layers=False, front=(front, weights))
+
+
+def _rebuild(model, name, fold_layers, front=None):
     if not isinstance(model, keras.Model) or not hasattr(model, "outputs") or model.outputs is None:
         raise ValueError(f"Folding needs a functional keras.Model. Received: {model!r}")
     nodes = nodes_in_order(model)
@@ -153,6 +159,10 @@ def _rebuild(model, name, fold_layers):
     new_inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in model.inputs]
     values = {id(old): new for old, new in zip(model.inputs, new_inputs)}
     built = []
+    if front is not None:
+        layer, weights = front
+        values[id(model.inputs[0])] = layer(new_inputs[0])
+        built.append((layer, weights))
     for node in nodes:
         if id(node) in absorbed:
             continue

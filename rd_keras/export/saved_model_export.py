@@ -12,11 +12,16 @@ with `tf.saved_model.save`):
   graph.
 - `predict_preprocessed`: `images` float32 `[N, H, W, C]`, already normalised.
 Both return `probabilities` (float32 `[N, classes]`, softmax) and `classes` (int64 `[N]`, argmax).
+
+Each version records what it was made from (`SOURCE_FILE`: the digest of the net's weights and the
+normalisation), so that a rerun of a finished export finds the newest version `up_to_date` and writes none
+(TF Serving would otherwise load the same weights again as a new version).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -31,6 +36,8 @@ from rd_keras.workdir import publish_dir
 INPUT_KEY = "images"
 SIGNATURES = ("serving_default", "predict_preprocessed")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+# What a version was made from; assets.extra/ is TF Serving's place for files it does not load.
+SOURCE_FILE = os.path.join("assets.extra", "rd_keras_source.json")
 # One warm-up request per batch size: TF Serving then has run (and compiled) both shapes before the first
 # real request arrives.
 WARMUP_BATCH_SIZES = (1, 8)
@@ -42,6 +49,21 @@ def existing_versions(model_dir):
         return []
     return sorted(int(name) for name in os.listdir(model_dir)
                   if name.isdigit() and os.path.isdir(os.path.join(model_dir, name)))
+
+
+def up_to_date(model_dir, source):
+    """`(version, path)` of the newest version when it was made from `source` (a JSON-able dict), else
+    None (no version yet, another source, or a version from before SOURCE_FILE existed)."""
+    versions = existing_versions(model_dir)
+    if not versions:
+        return None
+    path = os.path.join(model_dir, str(versions[-1]))
+    try:
+        with open(os.path.join(path, SOURCE_FILE)) as f:
+            recorded = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return (versions[-1], path) if recorded == json.loads(json.dumps(source)) else None
 
 
 def _outputs(logits):
@@ -103,8 +125,10 @@ def _publish(tmp_dir, model_dir):
         version += 1
 
 
-def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, model_name, channel_order="rgb"):
-    """Writes a complete new version of `folded` under `model_dir`; returns `(version, path)`."""
+def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, model_name, channel_order="rgb",
+                   source=None):
+    """Writes a complete new version of `folded` under `model_dir`; returns `(version, path)`. `source`
+    (a JSON-able dict, e.g. the weights' digest) is recorded in the version as SOURCE_FILE."""
     os.makedirs(model_dir, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".tmp-", dir=model_dir)
     try:
@@ -115,6 +139,9 @@ def export_version(folded, model_dir, *, image_shape, mean, std, warmup_images, 
         archive = build_archive(folded, tuple(image_shape), tuple(mean), tuple(std), channel_order)
         archive.write_out(tmp_dir, verbose=False)
         write_warmup(tmp_dir, warmup_images, model_name)
+        if source is not None:
+            with open(os.path.join(tmp_dir, SOURCE_FILE), "w") as f:
+                json.dump(source, f, indent=2, sort_keys=True)
         return _publish(tmp_dir, model_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

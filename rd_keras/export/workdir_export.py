@@ -7,10 +7,17 @@ reads `W/config.json` and `W/plain.keras`, folds BatchNormalization and Dirac co
 (`rd_keras.export.folding`), and writes under `W/export/`:
 
 - `saved_model/<model_name>/<version>/`: a new TF Serving version (`rd_keras.export.saved_model_export`),
+  unless the newest version already holds these weights (`--new_version` writes one anyway),
 - `tflite/plain_<quant>.tflite` for each requested quantisation, `plain_qat.tflite` when `--qat_steps > 0`
-  (`rd_keras.export.tflite_export`, `rd_keras.export.qat`),
-- `report.json`: for the Keras model and every artefact, accuracy on the same evaluation images, top-1
-  agreement with the Keras model, the largest probability difference, size and input contract.
+  (`rd_keras.export.tflite_export`, `rd_keras.export.qat`): uint8 pixels in, the normalisation inside
+  (`rd_keras.export.pixels`), labels and input description in the file (`rd_keras.export.metadata`), and
+  `tflite/labels.txt` beside them,
+- `report.json`: for the Keras model and every artefact, accuracy on the same evaluation images (raw uint8
+  pixels for the SavedModel and every .tflite), top-1 agreement with the Keras model, the largest
+  probability difference, size and input contract.
+
+The images come from `W/samples.npz` when it holds enough (`rd_keras.samples`; the run stored them at its
+end), so a workdir copied without its data exports all the same; else from the data directory.
 
 The same runs from Python with `export_workdir(...)`, e.g. at the end of training. docs/deploy.md has the
 contracts and measured numbers.
@@ -19,6 +26,7 @@ contracts and measured numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -31,10 +39,10 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from rd_keras import architectures, data, defaults
+from rd_keras import architectures, checkpointing, data, defaults, samples
 from rd_keras import workdir as wd
-from rd_keras.errors import exit_with_error
-from rd_keras.export import folding, saved_model_export, tflite_export
+from rd_keras.errors import RDError, exit_with_error
+from rd_keras.export import folding, metadata, pixels, saved_model_export, tflite_export
 
 FORMATS = ("saved_model", "tflite")
 EVAL_BATCH = 100
@@ -139,19 +147,27 @@ def _dir_size(path):
                for root, _, names in os.walk(path) for name in names)
 
 
-def _export_saved_model(folded, workdir, model_name, info, images, labels, reference, progress):
-    version, path = saved_model_export.export_version(
-        folded, wd.saved_model_dir(workdir, model_name), image_shape=info.image_shape,
-        mean=info.mean, std=info.std, channel_order=info.channel_order, warmup_images=images,
-        model_name=model_name)
+def _export_saved_model(folded, workdir, model_name, info, examples, reference, source, new_version,
+                        progress):
+    model_dir = wd.saved_model_dir(workdir, model_name)
+    existing = None if new_version else saved_model_export.up_to_date(model_dir, source)
+    if existing:
+        version, path = existing
+        print(f"saved_model: version {version} already holds these weights (sha256 "
+              f"{source['weights_sha256'][:12]}...): up to date, no new version written", flush=True)
+    else:
+        version, path = saved_model_export.export_version(
+            folded, model_dir, image_shape=info.image_shape, mean=info.mean, std=info.std,
+            channel_order=info.channel_order, warmup_images=examples.test_images, model_name=model_name,
+            source=source)
     serve = tf.saved_model.load(path).signatures["serving_default"]
     probabilities = np.concatenate([
         serve(images=tf.constant(batch))["probabilities"].numpy()
-        for batch in _batches(images, progress, "saved_model")])
+        for batch in _batches(examples.test_images, progress, "saved_model")])
     input_spec = {"dtype": "uint8", "shape": [-1, *info.image_shape], "normalised": False}
-    return {"path": path, "version": version, "size_bytes": _dir_size(path),
+    return {"path": path, "version": version, "up_to_date": bool(existing), "size_bytes": _dir_size(path),
             "signatures": list(saved_model_export.SIGNATURES), "input": input_spec,
-            **_compare(probabilities, labels, reference)}
+            **_compare(probabilities, examples.test_labels, reference)}
 
 
 def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
@@ -165,41 +181,50 @@ def _run_qat(workdir, path, *, steps, io_type, learning_rate, progress):
     result = subprocess.run(command, env=env, check=False)
     if result.returncode or not os.path.isfile(path):
         raise RuntimeError(f"QAT failed (exit code {result.returncode}): {' '.join(command)}")
+    with open(path, "rb") as f:
+        return f.read()
 
 
-def _export_tflite(folded, config, workdir, quantize, info, normalised, labels, reference, *,
-                   calibration_examples, int8_io, qat_steps, qat_learning_rate, progress):
-    os.makedirs(wd.tflite_dir(workdir), exist_ok=True)
-    calibration = None
-    if "int8" in quantize:
-        raw, _ = data.raw_examples(config, "train", calibration_examples)
-        calibration = data.normalize(raw, info.mean, info.std, info.channel_order).numpy()
+def _export_tflite(folded, workdir, quantize, info, examples, reference, *, model_name, int8_io, qat_steps,
+                   qat_learning_rate, progress):
+    normalisation = pixels.Normalisation.of(info)
+    write_atomic(wd.labels_path(workdir), "".join(f"{name}\n" for name in examples.label_names))
     results = {}
     for quant in quantize + (("qat",) if qat_steps else ()):
         path = wd.tflite_path(workdir, quant)
         if quant == "qat":
-            _run_qat(workdir, path, steps=qat_steps, io_type=int8_io, learning_rate=qat_learning_rate,
-                     progress=progress)
+            payload = _run_qat(workdir, path, steps=qat_steps, io_type=int8_io, learning_rate=qat_learning_rate,
+                               progress=progress)
         else:
-            write_atomic(path, tflite_export.convert(
-                folded, info.image_shape, quant, calibration if quant == "int8" else None, int8_io,
-                progress))
+            payload = tflite_export.convert(
+                folded, info.image_shape, quant, examples.calibration_images if quant == "int8" else None,
+                int8_io, progress, normalisation=normalisation)
+        record = metadata.describe(
+            model_name=model_name, quantization=quant, labels=examples.label_names, labels_file=wd.LABELS_FILE,
+            image_shape=info.image_shape, normalisation=normalisation,
+            implementation=metadata.implementation(quant, normalisation),
+            output=tflite_export.TFLiteRunner(payload).input_contract()["output"])
+        write_atomic(path, metadata.write(payload, record))
         runner = tflite_export.TFLiteRunner(path)
-        probabilities = np.concatenate([runner(batch)
-                                        for batch in _batches(normalised, progress, f"tflite {quant}")])
+        # Raw uint8 pixels in: the file normalises them itself.
+        probabilities = np.concatenate([runner(batch) for batch in
+                                        _batches(examples.test_images, progress, f"tflite {quant}")])
         results[f"tflite_{quant}"] = {"path": path, "size_bytes": os.path.getsize(path),
                                       **runner.input_contract(),
-                                      **_compare(probabilities, labels, reference)}
+                                      "normalisation": record["normalisation"]["implementation"],
+                                      "float_tensors": len(runner.float_tensors()),
+                                      **_compare(probabilities, examples.test_labels, reference)}
     return results
 
 
 def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATIONS, qat_steps=0,
                    model_name=defaults.MODEL_NAME, eval_examples=defaults.EVAL_EXAMPLES,
                    calibration_examples=defaults.CALIBRATION_EXAMPLES, int8_io=defaults.INT8_IO,
-                   qat_learning_rate=defaults.QAT_LEARNING_RATE, progress=True):
+                   qat_learning_rate=defaults.QAT_LEARNING_RATE, progress=True, new_version=False):
     """Exports `workdir/plain.keras` as described in the module docstring; returns the report dict.
 
     `formats` and `quantize` take sequences or comma-separated strings ("all" selects everything).
+    `new_version`: write a SavedModel version even when the newest one holds the same weights.
     """
     formats, quantize = parse_options(formats, quantize, model_name=model_name, qat_steps=qat_steps,
                                       qat_learning_rate=qat_learning_rate, eval_examples=eval_examples,
@@ -212,8 +237,14 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
         raise ValueError(f"{wd.plain_path(workdir)} takes images of shape {classifier.input.shape[1:]}, "
                          f"but config.json's data pipeline yields {info.image_shape}.")
 
-    images, labels = data.raw_examples(config, "test", eval_examples)
-    normalised = data.normalize(images, info.mean, info.std, info.channel_order).numpy()
+    examples = samples.examples(
+        config, workdir, test_examples=eval_examples, num_classes=info.num_classes,
+        calibration_examples=calibration_examples if "tflite" in formats and "int8" in quantize else 0)
+    if examples.stored:
+        print(f"export: images from the stored samples {examples.source} ({len(examples.test_labels)} test, "
+              f"{len(examples.calibration_images)} calibration); the data directory is not read", flush=True)
+    labels = examples.test_labels
+    normalised = data.normalize(examples.test_images, info.mean, info.std, info.channel_order).numpy()
     logits = _keras_logits(classifier, normalised, progress, "keras")
     unfolded = _keras_logits(folding.float32_copy(classifier), normalised, progress, "float32")
     fold_diff = float(np.abs(_keras_logits(folded, normalised, progress, "folded") - unfolded).max())
@@ -227,20 +258,24 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
                                      "normalised": True},
                            **_compare(reference, labels, reference)}}
     if "saved_model" in formats:
-        artefacts["saved_model"] = _export_saved_model(folded, workdir, model_name, info, images,
-                                                       labels, reference, progress)
+        # What a version is made from: the net's weights (not plain.keras's bytes, which a rerun of a
+        # finished training run rewrites with a new save date) and the normalisation.
+        source = {"weights_sha256": checkpointing.weights_digest([classifier]),
+                  "image_shape": list(info.image_shape), **dataclasses.asdict(pixels.Normalisation.of(info))}
+        artefacts["saved_model"] = _export_saved_model(folded, workdir, model_name, info, examples, reference,
+                                                       source, new_version, progress)
     if "tflite" in formats:
         artefacts.update(_export_tflite(
-            folded, config, workdir, quantize, info, normalised, labels, reference,
-            calibration_examples=calibration_examples, int8_io=int8_io, qat_steps=qat_steps,
-            qat_learning_rate=qat_learning_rate, progress=progress))
+            folded, workdir, quantize, info, examples, reference, model_name=model_name, int8_io=int8_io,
+            qat_steps=qat_steps, qat_learning_rate=qat_learning_rate, progress=progress))
     report = {
         "workdir": os.path.abspath(workdir),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": config.get("model", ml_collections.ConfigDict()).to_dict(),
         "data": {"image_shape": list(info.image_shape), "mean": list(info.mean), "std": list(info.std),
-                 "channel_order": info.channel_order},
-        "eval": {"split": "test", "examples": int(len(labels))},
+                 "channel_order": info.channel_order, "labels": examples.label_names},
+        "eval": {"split": "test", "examples": int(len(labels)), "images": examples.source,
+                 "calibration_examples": int(len(examples.calibration_images))},
         "fold": {"max_abs_logit_diff": fold_diff, "params": int(folded.count_params()),
                  "layers": len(folded.layers), "unfolded_params": int(classifier.count_params())},
         "artefacts": artefacts,
@@ -251,12 +286,14 @@ def export_workdir(workdir, formats=FORMATS, quantize=tflite_export.QUANTIZATION
 
 def format_table(report):
     """The report's artefacts as a fixed-width text table."""
-    rows = [("artefact", "size", "accuracy", "top-1 agree", "max |dp|", "input")]
+    rows = [("artefact", "size", "accuracy", "vs keras", "top-1 agree", "max |dp|", "input")]
+    keras_accuracy = report["artefacts"]["keras"]["accuracy"]
     for name, entry in report["artefacts"].items():
         spec = entry["input"]
         quant = f" q=({spec['scale']:.4g},{spec['zero_point']})" if "scale" in spec else ""
         rows.append((name, f"{entry['size_bytes'] / 1024:.1f} KiB", f"{entry['accuracy']:.4f}",
-                     f"{entry['top1_agreement']:.4f}", f"{entry['max_abs_prob_diff']:.2e}",
+                     f"{entry['accuracy'] - keras_accuracy:+.4f}", f"{entry['top1_agreement']:.4f}",
+                     f"{entry['max_abs_prob_diff']:.2e}",
                      f"{spec['dtype']} {'normalised' if spec['normalised'] else 'raw pixels'}{quant}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -282,6 +319,8 @@ def main(argv=None):
                         help="int8 calibration images")
     parser.add_argument("--int8_io", default=defaults.INT8_IO, choices=tflite_export.IO_TYPES,
                         help="input/output type of the full-integer models")
+    parser.add_argument("--new_version", action="store_true",
+                        help="write a SavedModel version even when the newest one holds the same weights")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     try:
@@ -289,8 +328,9 @@ def main(argv=None):
             args.workdir, formats=args.format, quantize=args.quantize, qat_steps=args.qat_steps,
             model_name=args.model_name, eval_examples=args.eval_examples,
             calibration_examples=args.calibration_examples, int8_io=args.int8_io,
-            qat_learning_rate=args.qat_learning_rate, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as e:
+            qat_learning_rate=args.qat_learning_rate, progress=not args.no_progress,
+            new_version=args.new_version)
+    except (ValueError, FileNotFoundError, RDError) as e:
         exit_with_error(parser, e)
     print(format_table(report))
     print(f"\nreport: {wd.report_path(args.workdir)}")
