@@ -36,8 +36,11 @@ test: venv data
 test-slow: venv data
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
+# The directory `data` checked is the one the run reads. Rerunning a finished demo resumes nothing, and its
+# export writes no new SavedModel version of the same weights.
 demo: venv data
-	$(PY) train.py --config=configs/fashion_mnist.py:demo --workdir=$(DEMO_WORKDIR)
+	$(PY) train.py --config=configs/fashion_mnist.py:demo --workdir=$(DEMO_WORKDIR) \
+	  --config.data.data_dir="$(FMNIST_DIR)"
 
 results: venv data
 	$(PY) -m rd_keras.bench report

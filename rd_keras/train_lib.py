@@ -19,7 +19,7 @@ import os
 import keras
 import tensorflow as tf
 
-from rd_keras import architectures, channels, checkpointing, clipping, data, losses, schedules, steps
+from rd_keras import architectures, channels, checkpointing, clipping, data, losses, samples, schedules, steps
 from rd_keras import workdir as wd
 from rd_keras.errors import ConfigError, require, require_choice, require_number
 from rd_keras.loop import TrainLoop
@@ -273,8 +273,11 @@ def _train(config, workdir, strategy, teacher_path="", resuming=None):
         record = loop.run(train_data, _distribute(strategy, eval_ds), test_data)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-    if record is not None and chief and config.export.enabled and "plain" in setup.trained:
-        _export(config, workdir)
+    if record is not None and chief and "plain" in setup.trained:
+        # The export's calibration and test images, kept so that W exports anywhere (rd_keras.samples).
+        samples.store(config, workdir, info.num_classes)
+        if config.export.enabled:
+            _export(config, workdir)
     return record
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,30 @@ def test_finished_run_exports_when_configured(smoke):
     assert artefacts["saved_model"]["top1_agreement"] == 1.0 and artefacts["saved_model"]["max_abs_prob_diff"] < 1e-5
     assert artefacts["tflite_none"]["top1_agreement"] == 1.0
     assert "saved_model" in second.stdout  # the accuracy table is printed
+
+
+def test_finished_run_keeps_samples_and_its_rerun_writes_no_new_version(smoke, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(smoke[0], workdir)
+    stored = wd.read_samples(workdir)  # the export's images, kept so that W exports without the data
+    assert stored["calibration_images"].shape == (256, 28, 28, 1) and stored["calibration_images"].dtype == np.uint8
+    assert len(stored["test_images"]) == len(stored["test_labels"]) == 1000
+    version_dir = os.path.join(workdir, "export", "saved_model", "plain", "1")
+    before = listing(version_dir)
+    # The same command as the run that finished (`make demo` run twice): same weights, no new version.
+    rerun = train(workdir, "--config.train.steps_per_run=12", "--config.export.enabled=True",
+                  "--config.export.quantize=none", "--config.export.eval_examples=200")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "saved_model: version 1 already holds these weights" in rerun.stdout and "up to date" in rerun.stdout
+    assert os.listdir(os.path.dirname(version_dir)) == ["1"] and listing(version_dir) == before
+
+
+def test_make_demo_passes_fmnist_dir_to_train_py():
+    made = subprocess.run(["make", "-n", "demo", "FMNIST_DIR=/data/elsewhere"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    command = next(line for line in made.stdout.replace("\\\n", "").splitlines() if "train.py" in line)
+    assert '--config.data.data_dir="/data/elsewhere"' in command and "--config=configs/fashion_mnist.py:demo" in command
 
 
 def test_bad_export_option_fails_before_training(tmp_path):

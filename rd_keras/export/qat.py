@@ -13,7 +13,14 @@ folded graph layer by layer in tf_keras (same names, same weights, checked to gi
 final softmax; `quantize_model` with tfmot's default 8-bit scheme (Conv+ReLU, Add+ReLU and Dense patterns
 all quantise cleanly without BN); fine-tune N steps on the training pipeline with SGD at a small learning
 rate; convert. The result has the `.tflite` contract of `rd_keras.export.tflite_export` for `int8`: signature
-`serving_default`, int8 (or uint8) normalised `images`, quantised `probabilities`.
+`serving_default`, uint8 pixel `images`, int8 (or uint8) quantised `probabilities`.
+
+The pixels go in as `rd_keras.export.pixels` says: when one mean and std hold for every channel, the model's
+input quantiser (tfmot's `QuantizeLayer` after the input) is held at the range pixels 0..255 normalise to,
+so the uint8 input's quantisation is the normalisation; otherwise the `normalize` 1x1 conv comes first and
+is fine-tuned with the rest (its input quantiser held at 0..255, the pipeline's normalised images mapped
+back to pixels). The range is set before the fine-tune and again after it, since the quantiser's moving
+average follows the batches in between.
 """
 
 from __future__ import annotations
@@ -29,10 +36,10 @@ from rd_keras import architectures, data
 from rd_keras import defaults
 from rd_keras import workdir as wd
 from rd_keras.errors import exit_with_error
-from rd_keras.export import folding
-from rd_keras.export.workdir_export import load_workdir
+from rd_keras.export import folding, pixels
+from rd_keras.export.workdir_export import dataset_info, load_workdir
 from rd_keras.workdir import write_atomic
-from rd_keras.export.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE
+from rd_keras.export.tflite_export import INPUT_NAME, IO_TYPES, OUTPUT_NAME, SIGNATURE, check_pixel_input
 
 # Keras 3 config keys that each supported layer keeps in tf_keras (same names and meaning in both).
 _LAYER_ARGS = {
@@ -91,8 +98,16 @@ def _convert(tf, model, input_shape, io_type):
         tf.saved_model.save(model, directory, signatures={SIGNATURE: signature})
         converter = tf.lite.TFLiteConverter.from_saved_model(directory, signature_keys=[SIGNATURE])
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(io_type)
+        converter.inference_input_type = tf.uint8  # pixels: the input quantiser is set to take them
+        converter.inference_output_type = tf.as_dtype(io_type)
         return converter.convert()
+
+
+def _hold_input_range(quantized, low, high):
+    """Sets the range of the quantiser tfmot puts after the model's input (its first QuantizeLayer)."""
+    layer = next(layer for layer in quantized.layers if type(layer).__name__ == "QuantizeLayer")
+    layer.quantizer_vars["min_var"].assign(low)
+    layer.quantizer_vars["max_var"].assign(high)
 
 
 def quantization_aware_tflite(config, model, *, steps, io_type=defaults.INT8_IO,
@@ -104,9 +119,14 @@ def quantization_aware_tflite(config, model, *, steps, io_type=defaults.INT8_IO,
         raise ValueError(f"`io_type` must be one of {IO_TYPES}. Received: io_type={io_type!r}")
     if not learning_rate > 0:
         raise ValueError(f"`learning_rate` must be positive. Received: learning_rate={learning_rate!r}")
+    normalisation = pixels.Normalisation.of(dataset_info(config))
     folded = folding.fold(architectures.classifier(model))
+    if not normalisation.uniform:
+        folded = normalisation.pixel_model(folded)  # the `normalize` conv is part of what is quantised
     input_shape = tuple(folded.input.shape[1:])
     train_ds, _, _ = data.datasets(config)
+    if not normalisation.uniform:
+        train_ds = train_ds.map(lambda images, labels: (normalisation.from_normalised(images), labels))
     probe = next(iter(train_ds))[0].numpy()[:16]
     expected = keras.ops.convert_to_numpy(keras.ops.softmax(folded(probe, training=False)))
 
@@ -122,8 +142,12 @@ def quantization_aware_tflite(config, model, *, steps, io_type=defaults.INT8_IO,
     quantized = tfmot.quantization.keras.quantize_model(float_model)
     quantized.compile(tf_keras.optimizers.SGD(learning_rate, momentum=defaults.QAT_MOMENTUM),
                       tf_keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+    _hold_input_range(quantized, *normalisation.input_range())
     quantized.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
-    return _convert(tf, quantized, input_shape, io_type)
+    _hold_input_range(quantized, *normalisation.input_range())
+    payload = _convert(tf, quantized, input_shape, io_type)
+    check_pixel_input(payload, normalisation)
+    return payload
 
 
 def main(argv=None):
