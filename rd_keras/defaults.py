@@ -53,6 +53,6 @@ TEACHER_MODES = ("joint", "pretrained")  # trained alongside its student, or loa
 MODEL_NAME = "plain"  # TF Serving model name (directory under export/saved_model/)
 EVAL_EXAMPLES = 1000  # test images for the accuracy report of every artefact
 CALIBRATION_EXAMPLES = 256  # training images that calibrate the int8 TFLite model
-INT8_IO = "int8"  # input/output type of the full-integer models ("int8" or "uint8")
+INT8_IO = "int8"  # output type of the full-integer models ("int8" or "uint8"); their input is uint8 pixels
 QAT_LEARNING_RATE = 1e-3  # SGD learning rate of the quantisation-aware fine-tune
 QAT_MOMENTUM = 0.9

@@ -51,7 +51,7 @@ def test_qat_export_gives_a_full_integer_model_with_sane_accuracy(workdir):
 @pytest.mark.slow
 def test_qat_of_a_bgr_net_starts_with_the_normalize_conv(tmp_path):
     workdir = make_workdir(tmp_path / "bgr", source="synthetic", image_size=16, channels=3, normalization="caffe",
-                           synthetic_examples=1024, train_examples=0, epochs=2)
+                           synthetic_examples=1024, train_examples=0, epochs=5, lr=0.01)
     report = export.export_workdir(workdir, formats="tflite", quantize="none", qat_steps=20, eval_examples=200,
                                    progress=False)
     keras_entry, qat = report["artefacts"]["keras"], report["artefacts"]["tflite_qat"]

@@ -3,8 +3,9 @@
 - `workdir_export`: `export_workdir(...)` and the command line: fold, export, check, `report.json`.
 - `folding`: BatchNorm and Dirac folded into plain convs.
 - `saved_model_export`: versioned SavedModels in TF Serving's layout, with warm-up requests.
-- `tflite_export`: `.tflite` files (none, fp16, dynamic, int8) and `TFLiteRunner`; `quantize`: the int8
-  input quantiser (numpy only).
+- `tflite_export`: `.tflite` files (none, fp16, dynamic, int8) and `TFLiteRunner`; `pixels`: how each file
+  takes uint8 pixels with the normalisation inside; `metadata`: labels and input description in the file;
+  `quantize`: the int8 input quantiser of bare files (numpy only).
 - `qat`: quantisation-aware training, run as its own process (`python -m rd_keras.export.qat`); the only
   module that imports tensorflow_model_optimization.
 

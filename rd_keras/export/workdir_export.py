@@ -213,6 +213,9 @@ def _export_tflite(folded, workdir, quantize, info, examples, reference, *, mode
                                       **runner.input_contract(),
                                       "normalisation": record["normalisation"]["implementation"],
                                       "float_tensors": len(runner.float_tensors()),
+                                      # what the integer zero point moves the mean by, in pixel levels
+                                      **({"mean_shift_pixels": normalisation.pixel_error()}
+                                         if quant in ("int8", "qat") else {}),
                                       **_compare(probabilities, examples.test_labels, reference)}
     return results
 
@@ -318,7 +321,7 @@ def main(argv=None):
     parser.add_argument("--calibration_examples", type=int, default=defaults.CALIBRATION_EXAMPLES,
                         help="int8 calibration images")
     parser.add_argument("--int8_io", default=defaults.INT8_IO, choices=tflite_export.IO_TYPES,
-                        help="input/output type of the full-integer models")
+                        help="output type of the full-integer models (their input is uint8 pixels)")
     parser.add_argument("--new_version", action="store_true",
                         help="write a SavedModel version even when the newest one holds the same weights")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
