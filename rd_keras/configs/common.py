@@ -154,6 +154,8 @@ def cifar(name, arg=None):
     config = get_config()
     config.data.source = "tfds"
     config.data.name = name
+    # The data set's own statistics, whatever the source (tfds knows them by name, a folder does not).
+    config.data.mean, config.data.std = defaults.CIFAR_STATS[name]
     config.data.data_dir = ""  # the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     config.data.download = False
     config.data.augment = "cifar"  # pad 4 + random 32x32 crop + flip
