@@ -54,9 +54,6 @@ def check_config(cfg):
     """Raises ValueError quoting the first `config.data` value that cannot work; reads no file."""
     if cfg.source not in SOURCES:
         raise ValueError(f"`source` must be one of {SOURCES}. Received: source={cfg.source!r}")
-    if cfg.source == "folder" and not cfg.data_dir:
-        raise ValueError("source='folder' needs `data_dir`, the folder holding train/<class>/ and test/<class>/. "
-                         f"Received: data_dir={cfg.data_dir!r}")
     if cfg.augment not in AUGMENTS:
         raise ValueError(f"`augment` must be one of {AUGMENTS}. Received: augment={cfg.augment!r}")
     for field in ("batch_size", "shuffle_buffer", "channels", "num_classes", "synthetic_examples"):

@@ -112,6 +112,9 @@ def _decode_all(paths, channels, image_size):
 
 
 def _load_folder(cfg, split):
+    if not cfg.data_dir:  # a config may leave it to the command line (configs/cifar10.py does)
+        raise DataError("source='folder' needs config.data.data_dir, the folder holding train/<class>/ and "
+                        f"test/<class>/. Received: data_dir={cfg.data_dir!r}")
     classes = _folder_classes(cfg.data_dir)
     split_dir = os.path.join(cfg.data_dir, split)
     labels, paths = [], []
