@@ -68,7 +68,7 @@ def get_config():
         "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += weight_decay/2 * sum ||kernel||^2 (PyTorch SGD)
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
-        "precision": "float32",  # or "mixed_float16" (loss-scaled)
+        "precision": "float32",  # or "mixed_float16" (loss-scaled) or "mixed_bfloat16" (CPUs with AVX512_BF16)
         "jit_compile": False,  # XLA for forward+backward; slower on CPU
         "strategy": "auto",  # auto | default | mirrored | multi_worker
         "nan_policy": "stop",  # "stop": fail naming the step and term; "skip": drop that update
