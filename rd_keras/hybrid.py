@@ -95,9 +95,6 @@ class HybridPaths:
     # teacher input -> {point: tensor, "logits": ...}, for entry="rescale": one teacher forward gives the
     # scales and the KD targets
     teacher_taps: keras.Model | None = None
-    # batched: the teacher's pieces between consecutive points (the last one ends at the logits), each
-    # called once on the batch-concatenated inputs of every path that goes through it
-    segments: tuple | None = None
 
     def teacher_outputs(self, teacher, images) -> dict:
         """The teacher's one inference call on `images`: its `logits` (the KD targets), plus its features at
@@ -118,15 +115,9 @@ class HybridPaths:
                 raise ValueError("Hybrid paths with entry='rescale' need the teacher's features: "
                                  "logits(outputs, paths.teacher_outputs(teacher, images)).")
             inputs = [rescale(x, tf.stop_gradient(teacher_outputs[p])) for x, p in zip(inputs, self.points)]
-        if self.segments is None:
-            return [tail(x, training=False) for x, tail in zip(inputs, self.tails)]
-        # Path i enters at segment i; segment j runs once on the rows of paths 1..j, stacked: the same
-        # per-example result (inference-mode BatchNorm is per example), fewer and larger ops.
-        rows = None
-        for entering, segment in zip(inputs, self.segments):
-            rows = entering if rows is None else tf.concat([rows, tf.cast(entering, rows.dtype)], axis=0)
-            rows = segment(rows, training=False)
-        return tf.split(rows, len(inputs), axis=0)
+        # One tail per path. Stacking every path's rows through each teacher piece once was measured no
+        # faster on CPU (docs/results/notes.md, "RD + KD step cost"), so the tails stay separate.
+        return [tail(x, training=False) for x, tail in zip(inputs, self.tails)]
 
 
 def rescale(plain, teacher, epsilon=1e-6):
@@ -141,18 +132,9 @@ def rescale(plain, teacher, epsilon=1e-6):
     return tf.cast(x * (rms_teacher / rms_plain), plain.dtype)
 
 
-def teacher_segments(teacher, points) -> list:
-    """[segment_1, ..., segment_n]: segment_i maps the tensor at `points[i-1]` to the one at `points[i]`, the
-    last to the teacher's logits; segment_n(...(segment_i(x))) is `teacher_tails(teacher, points)[i-1](x)`."""
-    ends = [teacher.get_layer(p).output for p in points[1:]] + [teacher.get_layer("logits").output]
-    return [keras.Model(teacher.get_layer(p).output, end, name=f"{teacher.name}_segment_{p}")
-            for p, end in zip(points, ends)]
-
-
-def build_paths(plain, teacher, spec: str = STAGES, entry: str = "direct", batched: bool = False) -> HybridPaths:
+def build_paths(plain, teacher, spec: str = STAGES, entry: str = "direct") -> HybridPaths:
     """The hybrid paths from `plain` into `teacher` at the points `spec` chooses (see `hybrid_points`);
-    `entry` (one of ENTRIES) says how the plain features enter the teacher's tails. `batched` runs each
-    teacher piece once on every path's inputs stacked (`HybridPaths.segments`) instead of one tail per path."""
+    `entry` (one of ENTRIES) says how the plain features enter the teacher's tails."""
     if entry not in ENTRIES:
         raise ValueError(f"distill.hybrid_entry must be one of {ENTRIES}. Received: hybrid_entry={entry!r}")
     points = tuple(hybrid_points(block_outputs(teacher), spec, teacher.name))
@@ -165,5 +147,4 @@ def build_paths(plain, teacher, spec: str = STAGES, entry: str = "direct", batch
         found = {p: teacher.get_layer(p).output for p in points}
         found["logits"] = teacher.get_layer("logits").output
         teacher_taps = keras.Model(teacher.input, found, name=f"{teacher.name}_taps")
-    segments = tuple(teacher_segments(teacher, points)) if batched and points else None
-    return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps, entry, teacher_taps, segments)
+    return HybridPaths(points, tuple(teacher_tails(teacher, points)), taps, entry, teacher_taps)

@@ -179,29 +179,3 @@ def test_unknown_entry_is_refused(nets):
     teacher, plain, _ = nets
     with pytest.raises(ValueError, match="hybrid_entry='scaled'"):
         hybrid.build_paths(plain, teacher, "stages", entry="scaled")
-
-
-@pytest.mark.parametrize("spec, entry", [("stages", "direct"), ("every_k_blocks:1", "rescale")])
-def test_batched_tails_equal_one_tail_per_path(nets, spec, entry):
-    # Stacking every path's rows through each teacher piece is a speed choice: the logits and the
-    # gradients that reach the plain net must be those of one tail per path.
-    teacher, plain, images = nets
-    separate = hybrid.build_paths(plain, teacher, spec, entry)
-    batched = hybrid.build_paths(plain, teacher, spec, entry, batched=True)
-    assert len(batched.segments) == len(batched.points) == len(separate.tails)
-    found = separate.teacher_outputs(teacher, images) if entry == "rescale" else None
-    results = []
-    for paths in (separate, batched):
-        with tf.GradientTape() as tape:
-            logits = paths.logits(paths.taps(images, training=False), found)
-            loss = sum(tf.reduce_sum(tf.square(x)) for x in logits)
-        results.append((logits, tape.gradient(loss, plain.trainable_variables)))
-    (logits_a, grads_a), (logits_b, grads_b) = results
-    for a, b in zip(logits_a, logits_b, strict=True):
-        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-5)
-    # The paths reach the plain net's stem and first stages, never its last stage or head.
-    assert [g is None for g in grads_b] == [g is None for g in grads_a]
-    assert grads_b[0] is not None and grads_b[-1] is None
-    for a, b in zip(grads_a, grads_b, strict=True):
-        if a is not None:
-            np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-6)

@@ -11,8 +11,6 @@ Steps, all built by `rd_keras.steps.build_train_step` (the trainer's builder) on
 - `kd`: knowledge distillation from the frozen teacher, no hybrid path (plain forward and backward + one
   teacher forward): the baseline RD is compared with;
 - `rd_kd`: `rd_pretrained` plus that KD term on the plain logits.
-- `rd_kd_batched`: `rd_kd` with each teacher piece called once on the stacked inputs of every hybrid path
-  through it (`hybrid.build_paths(batched=True)`): the same result, fewer and larger ops.
 
 Each runs with and without XLA (`jit_compile`) and under each `--precisions` Keras dtype policy;
 `mixed_float16` steps use a `LossScaleOptimizer`, as the trainer does. Each (precision, XLA) combination
@@ -34,7 +32,7 @@ import numpy as np
 from rd_keras import defaults
 from rd_keras.bench import common
 
-KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained", "kd", "rd_kd", "rd_kd_batched")
+KINDS = ("resnet", "plain", "rd_joint", "rd_pretrained", "kd", "rd_kd")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 JIT = ("off", "on")
 # The trainer's defaults (rd_keras.defaults, as in configs/common.py): SGD with Nesterov momentum and L2 decay.
@@ -131,8 +129,8 @@ def build_step(kind, pair, settings, precision, jit):
         joint = kind == "rd_joint"
         plain, teacher = pair.build("none"), pair.build("all")
         paths = hybrid.build_paths(plain, teacher, hybrid.NONE if kind == "kd" else settings["hybrid_points"],
-                                   settings["hybrid_entry"], batched=kind == "rd_kd_batched")
-        if kind in ("kd", "rd_kd", "rd_kd_batched"):
+                                   settings["hybrid_entry"])
+        if kind in ("kd", "rd_kd"):
             cfg = dataclasses.replace(cfg, logit_kd_alpha=1.0)
         trained = [plain, teacher] if joint else [plain]
         updates = [steps.Update("total", _optimizer(precision), plain.trainable_variables)]
