@@ -1,12 +1,13 @@
 """The fixed sample of images a finished workdir keeps, so that its export needs no data directory.
 
 At the end of training, `store(config, workdir)` writes `W/samples.npz` (`rd_keras.workdir` owns the file):
-the first `defaults.CALIBRATION_EXAMPLES` images of the train split (they calibrate the int8 `.tflite`),
-the first `defaults.EVAL_EXAMPLES` images of the test split with their labels (every accuracy of the export
-report), as `data.raw_examples` returns them (uint8, after the evaluation resize), and the class names. The
-export takes its images from there whenever the sample holds as many as it asks for (`examples`), so a
-workdir copied to a machine without the data exports the same files and the same report; asked for more,
-or for a workdir trained before samples.npz existed, it reads the data directory as it always did.
+`defaults.CALIBRATION_EXAMPLES` images of the train split (they calibrate the int8 `.tflite`) and
+`defaults.EVAL_EXAMPLES` images of the test split with their labels (every accuracy of the export report),
+as `data.raw_examples` chooses and returns them (its seeded class-stratified choice, uint8, after the
+evaluation resize), and the class names. The export takes its images from there whenever the sample holds
+as many as it asks for (`examples`: the first n of the sample), so a workdir copied to a machine without
+the data exports the same files and the same report; asked for more, or for a workdir trained before
+samples.npz existed, it reads the data directory as it always did.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def label_names(config, num_classes):
 
 def store(config, workdir, num_classes):
     """Writes `W/samples.npz` from the data directory, unless the workdir already holds one (a rerun of a
-    finished run: the first images of a split do not change)."""
+    finished run: `data.raw_examples`' choice is seeded, so it would store the same images)."""
     if wd.read_samples(workdir) is not None:
         return
     calibration, _ = data.raw_examples(config, "train", defaults.CALIBRATION_EXAMPLES)
@@ -70,8 +71,8 @@ class Examples:
 
 
 def examples(config, workdir, *, test_examples, calibration_examples, num_classes):
-    """The first `test_examples` test images (with labels) and `calibration_examples` train images (0:
-    none), from `W/samples.npz` when it holds that many, else from the data directory."""
+    """`test_examples` test images (with labels) and `calibration_examples` train images (0: none): the
+    first of `W/samples.npz` when it holds that many, else `data.raw_examples` from the data directory."""
     stored = wd.read_samples(workdir)
     if stored is not None and len(stored["test_images"]) >= test_examples \
             and len(stored["calibration_images"]) >= calibration_examples:

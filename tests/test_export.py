@@ -373,8 +373,12 @@ def test_metadata_reads_back_labels_input_and_normalisation(workdir, report):
 
 
 def test_every_tflite_fed_raw_pixels_keeps_the_keras_accuracy(tmp_path):
-    # A workdir from before samples.npz: the images come from the data directory, as they always did.
+    # A workdir from before samples.npz (and before data.split_seed): the images come from the data directory.
     workdir = make_workdir(tmp_path / "real", width=0.5, train_examples=10_000, epochs=2, store_samples=False)
+    with open(wd.config_path(workdir)) as f:
+        old = json.load(f)
+    del old["data"]["split_seed"]
+    wd.write_atomic(wd.config_path(workdir), json.dumps(old))
     report = export.export_workdir(workdir, formats="tflite", eval_examples=500, calibration_examples=256,
                                    progress=False)
     assert report["eval"]["images"] == f"data directory {FMNIST_DIR}"

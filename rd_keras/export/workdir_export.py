@@ -60,6 +60,11 @@ def load_workdir(workdir):
             raise FileNotFoundError(f"{path}: missing; is {workdir!r} a finished training workdir?")
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    if "data" in config:
+        # A config.json from before a data field existed lacks it; the data pipeline reads every field.
+        fields = defaults.data_config()
+        fields.update(config.data.to_dict())
+        config.data = fields
     return config, keras.saving.load_model(model_path, compile=False)
 
 
