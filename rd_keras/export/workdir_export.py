@@ -219,7 +219,7 @@ def _export_tflite(folded, workdir, quantize, info, examples, reference, *, mode
                                       "normalisation": record["normalisation"]["implementation"],
                                       "float_tensors": len(runner.float_tensors()),
                                       # what the integer zero point moves the mean by, in pixel levels
-                                      **({"mean_shift_pixels": normalisation.pixel_error()}
+                                      **({"mean_shift_pixels": round(normalisation.pixel_error(), 4)}
                                          if quant in ("int8", "qat") else {}),
                                       **_compare(probabilities, examples.test_labels, reference)}
     return results
