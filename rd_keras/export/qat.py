@@ -78,7 +78,9 @@ def _tf_keras_model(tf_keras, input_shape, input_name, graph):
     tensors = {input_name: inputs}
     built = []
     for kind, name, kwargs, sources, weights in graph:
-        layer = getattr(tf_keras.layers, kind)(name=name, **kwargs)
+        # The `normalize` conv is the data's statistics, not something to learn; its inputs are raw pixels
+        # up to 255, whose gradients would wreck it at any learning rate that suits the net.
+        layer = getattr(tf_keras.layers, kind)(name=name, trainable=name != pixels.NORMALIZE_LAYER, **kwargs)
         args = [tensors[s] for s in sources]
         tensors[name] = layer(args if kind == "Add" else args[0])
         built.append((layer, weights))
