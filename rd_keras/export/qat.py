@@ -78,9 +78,7 @@ def _tf_keras_model(tf_keras, input_shape, input_name, graph):
     tensors = {input_name: inputs}
     built = []
     for kind, name, kwargs, sources, weights in graph:
-        # The `normalize` conv is the data's statistics, not something to learn; its inputs are raw pixels
-        # up to 255, whose gradients would wreck it at any learning rate that suits the net.
-        layer = getattr(tf_keras.layers, kind)(name=name, trainable=name != pixels.NORMALIZE_LAYER, **kwargs)
+        layer = getattr(tf_keras.layers, kind)(name=name, **kwargs)
         args = [tensors[s] for s in sources]
         tensors[name] = layer(args if kind == "Add" else args[0])
         built.append((layer, weights))
@@ -103,6 +101,23 @@ def _convert(tf, model, input_shape, io_type):
         converter.inference_input_type = tf.uint8  # pixels: the input quantiser is set to take them
         converter.inference_output_type = tf.as_dtype(io_type)
         return converter.convert()
+
+
+def _keep_normalize(tf_keras, quantized):
+    """Callbacks that keep the `normalize` conv's weights as they are: they are the data's statistics, not
+    something to learn, and the conv's inputs are raw pixels up to 255, whose gradients wreck it at any
+    learning rate that suits the net. (tfmot 0.8.1's QuantizeWrapperV2 lists the wrapped layer's weights
+    as its own trainable ones whatever `trainable` says, so they are put back after every step instead; the
+    wrapper's own list is the one to read, the wrapped layer stops tracking the kernel it quantises.)"""
+    kept = [(weight, weight.numpy()) for layer in quantized.layers
+            if getattr(layer, "layer", None) is not None and layer.layer.name == pixels.NORMALIZE_LAYER
+            for weight in layer.weights if weight.name.startswith(f"{pixels.NORMALIZE_LAYER}/")]
+
+    def restore(batch, logs):
+        for weight, value in kept:
+            weight.assign(value)
+
+    return [tf_keras.callbacks.LambdaCallback(on_train_batch_end=restore)] if kept else []
 
 
 def _hold_input_range(quantized, low, high):
@@ -145,7 +160,8 @@ def quantization_aware_tflite(config, model, *, steps, io_type=defaults.INT8_IO,
     quantized.compile(tf_keras.optimizers.SGD(learning_rate, momentum=defaults.QAT_MOMENTUM),
                       tf_keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
     _hold_input_range(quantized, *normalisation.input_range())
-    quantized.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose)
+    quantized.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, verbose=verbose,
+                  callbacks=_keep_normalize(tf_keras, quantized))
     _hold_input_range(quantized, *normalisation.input_range())
     payload = _convert(tf, quantized, input_shape, io_type)
     check_pixel_input(payload, normalisation)
