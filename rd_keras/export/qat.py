@@ -17,10 +17,10 @@ rate; convert. The result has the `.tflite` contract of `rd_keras.export.tflite_
 
 The pixels go in as `rd_keras.export.pixels` says: when one mean and std hold for every channel, the model's
 input quantiser (tfmot's `QuantizeLayer` after the input) is held at the range pixels 0..255 normalise to,
-so the uint8 input's quantisation is the normalisation; otherwise the `normalize` 1x1 conv comes first and
-is fine-tuned with the rest (its input quantiser held at 0..255, the pipeline's normalised images mapped
-back to pixels). The range is set before the fine-tune and again after it, since the quantiser's moving
-average follows the batches in between.
+so the uint8 input's quantisation is the normalisation; otherwise the `normalize` 1x1 conv comes first,
+quantised with the rest but kept at its values (`_keep_normalize`; its input quantiser held at 0..255, the
+pipeline's normalised images mapped back to pixels). The range is set before the fine-tune and again after
+it, since the quantiser's moving average follows the batches in between.
 """
 
 from __future__ import annotations
