@@ -15,11 +15,16 @@ Three rows per pair: the ResNet, its plain twin (what RD trains) and the ResNet'
    call (`rd_keras.bench.liveness.peak_rss_delta`), after a batch-1 warm-up, for the Keras/TF runtime and the
    LiteRT runtime (XNNPACK). One process per measurement, so one net's freed memory cannot be reused by
    the other's. It includes whatever the runtime allocates besides feature maps (workspaces, packed
-   weights for the new shape): the least clean figure, and the one a server actually pays.
+   weights for the new shape): the least clean figure, and the one a server actually pays. Its
+   resolution: whatever the runtime, the call holds the input and the output of its largest conv at once
+   (no runtime computes a conv in place; `floor` in the JSON). A smaller growth means the call ran in
+   memory the process already held, so it measures nothing and is reported as "below resolution" (null
+   in the JSON, the reading kept under `raw`). Raise `--rss_batch` to see small nets.
 
 For each: `ratio` = ResNet / plain, and `shortcut_share` = 1 - plain / ResNet, the fraction of the
 ResNet's figure that the shortcuts cost. The two are one number seen twice: a share s is a ratio 1/(1-s),
-so the paper's ~40% share would be a 1.67x ratio and its 1.25x ratio a 20% share.
+so the paper's ~40% share would be a 1.67x ratio and its 1.25x ratio a 20% share. `exact_ratio` = exact
+conversion / plain: what the RD plain net saves over converting the ResNet.
 """
 
 from __future__ import annotations
