@@ -15,7 +15,7 @@ from rd_keras.bench.common import md_table, provenance
 
 FILES = {"exact-inference": "exact_inference.json", "exact-memory": "exact_memory.json"}
 TRAINING = {"resnet": "supervised", "plain": "RD (ResNet teacher, then the plain net)", "exact": "none"}
-ACCURACY = {"resnet": "the ResNet's", "plain": "RD's (see the accuracy sections)",
+ACCURACY = {"resnet": "reference", "plain": "RD's (see the accuracy sections)",
             "exact": "the ResNet's, by construction"}
 
 
@@ -78,6 +78,18 @@ def pair_table(inference, memory) -> str:
     return md_table(rows, ["net", "training", "accuracy", *(header for header, _, _ in columns)])
 
 
+def _load_note(payload) -> str:
+    """A warning when other processes competed for the CPU while the times were taken ('' otherwise)."""
+    m = payload["machine"]
+    loads = [v for v in (m.get("load_average_start"), m.get("load_average_end")) if v is not None]
+    if not loads or max(loads) <= m["cpu_cores"]:
+        return ""
+    return (f"The machine was loaded while these times were taken (load average {min(loads):.1f}-{max(loads):.1f} "
+            f"on {m['cpu_cores']} cores: other jobs were running), so single times are noisy; each round timed "
+            "the three nets back to back, and the ratios in parentheses are medians of those per-round ratios. "
+            "Prefer the counts where the two disagree.")
+
+
 def section(found) -> str:
     """The section, or '' when neither payload was saved."""
     inference, memory = found.get("exact-inference"), found.get("exact-memory")
@@ -96,6 +108,8 @@ def section(found) -> str:
              "divided by the plain net's (for times, the median of the per-round ratios; > 1: the plain net "
              "is smaller or faster). Parameters and multiply-adds (per image) are counts, liveness and "
              "arena bytes are exact; peak RSS and times are measurements on the machine above."]
+    if inference is not None and _load_note(inference):
+        parts.append(_load_note(inference))
     for pair, results in by_pair.items():
         parts += [f"**{pair}** at {tuple(next(iter(results.values()))['input_shape'])}:",
                   pair_table(results.get("inference"), results.get("memory"))]

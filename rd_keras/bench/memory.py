@@ -186,7 +186,9 @@ def rows(results):
     """(pair, method, resnet MiB, plain MiB, exact MiB, ratio, shortcut share, exact/plain) for every figure
     of every pair; a peak RSS below its resolution reads BELOW_RESOLUTION."""
     def mib(v, side):
-        if v.get(side) is None and side in v.get("below_resolution", ()):
+        # Files written before the floor was recorded keep a zero growth as it was read: zero is below any
+        # call's floor.
+        if side in v.get("below_resolution", ()) or v.get(side) == 0:
             return BELOW_RESOLUTION
         return common.mib(v.get(side))
 
