@@ -111,6 +111,9 @@ def _carry_weights(convs, proj):
     carried = convs[0].input.shape[-1]
     strides = np.prod([conv.strides for conv in convs], axis=0)
     if proj is None:
+        if tuple(strides) != (1, 1):  # an identity shortcut reads every pixel: the block cannot subsample
+            raise ValueError(f"{convs[0].name}: a block with an identity shortcut must not stride; got strides "
+                             f"{tuple(int(s) for s in strides)}.")
         merge = np.eye(carried, dtype=np.float32)
         merge_bias = 0.0
     else:
@@ -143,8 +146,10 @@ def _carry_weights(convs, proj):
     return weights
 
 
-def _block(folded, prefix, out_name, x, old_input):
+def _block(folded, prefix, out_name, x):
+    """The layers replacing block `prefix` of `folded`, called on `x` (the new graph's block input)."""
     convs, relus, proj, residual = _block_layers(folded, prefix)
+    old_input = convs[0].input
     layers = []
     if not residual:  # a block without shortcut (a plain or "downsample" net) stays as it is
         layers = [_clone(layer) for pair in zip(convs, [*relus, folded.get_layer(out_name)]) for layer in pair]
@@ -180,16 +185,15 @@ def convert(model, name=None):
             layer, weights = _clone(node.operation)
             x = layer(x)
             built.append((layer, weights))
-    outputs = {}
+    block_outputs = {}  # (stage, block), or (stage, None) for a stage's last block -> its output ReLU's name
     for layer in folded.layers:
         parsed = architectures.parse_block_output(layer.name)
         if parsed is not None:
-            outputs[parsed] = layer.name
+            block_outputs[parsed] = layer.name
     for i, blocks in enumerate(architectures.blocks_per_stage(folded), start=1):
         for j in range(1, blocks + 1):
-            out_name = outputs[(i, j) if j < blocks else (i, None)]
-            prefix = architectures.block_prefix(i, j)
-            x, layers = _block(folded, prefix, out_name, x, folded.get_layer(f"{prefix}_conv1").input)
+            out_name = block_outputs[(i, j) if j < blocks else (i, None)]
+            x, layers = _block(folded, architectures.block_prefix(i, j), out_name, x)
             built += layers
     for head in ("pool", "logits"):
         layer, weights = _clone(folded.get_layer(head))
