@@ -20,15 +20,14 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from rd_keras import data_sources, preprocessing
+from rd_keras import data_sources, defaults, preprocessing, splits
 from rd_keras.data_sources import SOURCES, SPLITS, read_idx  # noqa: F401 (read_idx: public API)
 from rd_keras.errors import DataError  # noqa: F401 (public API: data.DataError)
 from rd_keras.preprocessing import eval_transform, normalize
 
 AUGMENTS = ("cifar", "imagenet", "none")
 KNOWN_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    **defaults.CIFAR_STATS,
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
@@ -60,7 +59,7 @@ def check_config(cfg):
     for field in ("batch_size", "shuffle_buffer", "channels", "num_classes", "synthetic_examples"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"`{field}` must be a positive integer. Received: {field}={cfg[field]!r}")
-    for field in ("train_subset", "eval_subset"):
+    for field in ("train_subset", "eval_subset", "split_seed"):
         if not isinstance(cfg[field], int) or cfg[field] < 0:
             raise ValueError(f"`{field}` must be an integer >= 0. Received: {field}={cfg[field]!r}")
     if not isinstance(cfg.validation_split, (int, float)) or not 0 <= cfg.validation_split < 1:
@@ -127,16 +126,18 @@ def _train_examples(ds, cfg):
     return ds.cache() if cfg.cache else ds
 
 
-def _train_pass(ds, cfg, epoch, skip_examples):
+def _train_pass(ds, cfg, epoch, skip_examples, shuffle_buffer):
     """Pass `epoch` over the train examples, shuffled and augmented, its first `skip_examples` left out.
 
     Order and augmentation depend on (data.seed, epoch) alone, not on how many passes this process has
     made: a resumed run rebuilds exactly the pass it stopped in and skips what it already trained on
-    (before augmentation, so skipping costs no image work).
+    (before augmentation, so skipping costs no image work). A `shuffle_buffer` as large as the data set
+    makes the order a full random permutation: what in-memory data gets (a smaller buffer over an image
+    folder, listed class by class, would feed batches of one or two classes).
     """
     shuffle_seed, augment_seed = (int(k) for k in np.random.default_rng([cfg.seed, epoch]).integers(
         0, 2**31 - 1, size=2))
-    ds = ds.shuffle(cfg.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
     ds = ds.enumerate().skip(skip_examples)
     if cfg.augment == "none":
         return ds.map(lambda i, xy: xy)
@@ -161,9 +162,10 @@ class TrainPasses:
     from (data.seed, e) alone, so any pass can be rebuilt exactly, in any process. A pass has
     `batches_per_pass = train_examples // batch_size` batches (the remainder is dropped)."""
 
-    def __init__(self, examples, cfg, mean, std, batches_per_pass, channel_order="rgb"):
+    def __init__(self, examples, cfg, mean, std, batches_per_pass, channel_order="rgb", shuffle_buffer=None):
         self._examples, self._cfg, self._mean, self._std = examples, cfg, mean, std
         self._channel_order = channel_order
+        self._shuffle_buffer = shuffle_buffer or cfg.shuffle_buffer
         self.batches_per_pass = batches_per_pass
 
     def one_pass(self, epoch, skip_batches=0):
@@ -174,9 +176,29 @@ class TrainPasses:
                 and 0 <= skip_batches < self.batches_per_pass):
             raise ValueError(f"Need an integer epoch >= 0 and 0 <= skip_batches < {self.batches_per_pass}. "
                              f"Received: epoch={epoch!r}, skip_batches={skip_batches!r}")
-        ds = _train_pass(self._examples, self._cfg, epoch, skip_batches * self._cfg.batch_size)
+        ds = _train_pass(self._examples, self._cfg, epoch, skip_batches * self._cfg.batch_size,
+                         self._shuffle_buffer)
         return _normalize_batches(ds.batch(self._cfg.batch_size, drop_remainder=True), self._mean, self._std,
                                   self._channel_order)
+
+
+def _subset(examples, n, cfg):
+    """A seeded, class-stratified random `n` of `examples` (all of them for n = 0 or n >= their count)."""
+    if not n or n >= examples.count:
+        return examples
+    return examples.select(splits.stratified_indices(examples.labels(), n, cfg.split_seed))
+
+
+def _split_examples(cfg):
+    """`(train, evals)` Examples: the train split's `train_subset`, less a stratified `validation_split` of
+    it when set (then `evals`), else the test split; `evals` cut to `eval_subset`."""
+    train = _subset(data_sources.load(cfg, "train"), cfg.train_subset, cfg)
+    if cfg.validation_split:
+        keep, held_out = splits.holdout(train.labels(), cfg.validation_split, cfg.split_seed)
+        train, evals = train.select(keep), train.select(held_out)
+    else:
+        evals = data_sources.load(cfg, "test")
+    return train, _subset(evals, cfg.eval_subset, cfg)
 
 
 def pipelines(config):
@@ -184,37 +206,28 @@ def pipelines(config):
     (float32 normalised images, int32 labels). `batch_size` is the global batch size."""
     cfg = config.data
     check_config(cfg)
-    train, train_count, num_classes = data_sources.load(cfg, "train", cfg.train_subset)
-    if cfg.validation_split:
-        # As keras' `fit(validation_split=...)`: the last fraction of the examples, before any shuffling.
-        held_out = int(round(train_count * cfg.validation_split))
-        if not 0 < held_out < train_count:
-            raise ValueError(f"`validation_split` holds out {held_out} of {train_count} train examples; "
-                             f"both parts must be non-empty. Received: validation_split={cfg.validation_split}")
-        evals, train = train.skip(train_count - held_out), train.take(train_count - held_out)
-        evals = evals.take(cfg.eval_subset) if cfg.eval_subset else evals
-        eval_count, train_count = min(held_out, cfg.eval_subset or held_out), train_count - held_out
-    else:
-        evals, eval_count, _ = data_sources.load(cfg, "test", cfg.eval_subset)
-    image_shape = _image_shape(train, cfg)
+    train, evals = _split_examples(cfg)
+    train_count, train_ds = train.count, train.dataset()
+    image_shape = _image_shape(train_ds, cfg)
     mean, std, order = _stats(cfg, image_shape[-1])
     if train_count < cfg.batch_size:
         raise ValueError(f"`batch_size` exceeds the {train_count} train examples, so an epoch would be "
                          f"empty. Received: batch_size={cfg.batch_size}")
-    passes = TrainPasses(_train_examples(train, cfg), cfg, mean, std, train_count // cfg.batch_size, order)
-    eval_ds = _normalize_batches(_eval_pipeline(evals, cfg).batch(cfg.batch_size), mean, std, order)
+    passes = TrainPasses(_train_examples(train_ds, cfg), cfg, mean, std, train_count // cfg.batch_size, order,
+                         shuffle_buffer=train_count if train.in_memory else None)
+    eval_ds = _normalize_batches(_eval_pipeline(evals.dataset(), cfg).batch(cfg.batch_size), mean, std, order)
     split = "validation" if cfg.validation_split else "test"
-    return passes, eval_ds, DatasetInfo(num_classes, image_shape, train_count, eval_count, mean, std, split,
-                                        order)
+    return passes, eval_ds, DatasetInfo(train.num_classes, image_shape, train_count, evals.count, mean, std,
+                                        split, order)
 
 
 def test_dataset(config, info):
     """`(test batches, count)`, normalised like the eval batches of `pipelines(config)` (whose `info` is
     given): for the one final test evaluation of a run that chose on a validation split."""
     cfg = config.data
-    ds, count, _ = data_sources.load(cfg, "test", cfg.eval_subset)
-    return _normalize_batches(_eval_pipeline(ds, cfg).batch(cfg.batch_size), info.mean, info.std,
-                              info.channel_order), count
+    test = _subset(data_sources.load(cfg, "test"), cfg.eval_subset, cfg)
+    return _normalize_batches(_eval_pipeline(test.dataset(), cfg).batch(cfg.batch_size), info.mean, info.std,
+                              info.channel_order), test.count
 
 
 def datasets(config):
@@ -225,15 +238,16 @@ def datasets(config):
 
 
 def raw_examples(config, split, n):
-    """The first `n` examples of `split` ('train' or 'test', fewer if the split is smaller), without
-    augmentation: uint8 images `[n, H, W, C]` after `eval_transform`, and int32 labels."""
+    """`n` examples of `split` ('train' or 'test'; all of it if smaller), a seeded class-stratified random
+    choice kept in the split's order, without augmentation: uint8 images `[n, H, W, C]` after
+    `eval_transform`, and int32 labels (int8 calibration images and the export's test images)."""
     cfg = config.data
     check_config(cfg)
     if split not in SPLITS:
         raise ValueError(f"`split` must be one of {SPLITS}. Received: split={split!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"`n` must be a positive integer. Received: n={n!r}")
-    ds, _, _ = data_sources.load(cfg, split, n)
+    ds = _subset(data_sources.load(cfg, split), n, cfg).dataset()
     _image_shape(ds, cfg)  # rejects varying sizes without image_size
     ds = ds.map(lambda x, y: (eval_transform(x, cfg.image_size, cfg.augment), y))
     images, labels = zip(*ds.as_numpy_iterator())

@@ -1,12 +1,13 @@
-"""Where the examples come from: `load(config.data, split, limit)` -> unbatched (uint8 image, int32 label)
-dataset, its size and the number of classes, from one of four sources (`config.data.source`):
+"""Where the examples come from: `load(config.data, split)` -> the split's `Examples` (in its stored order;
+`rd_keras.splits` chooses subsets and orders) from one of four sources (`config.data.source`):
 
 - `idx`: Fashion-MNIST style IDX files (raw or gzip), parsed here with numpy and checked strictly.
 - `tfds`: any tensorflow-datasets name. It must already be prepared in `data_dir` unless
   `download=True`: offline, `tfds.load` would otherwise retry the network for minutes.
 - `folder`: `data_dir/{train,test}/<class>/*.png|jpg`; class names sorted give the labels. Every file is
-  decoded once, eagerly, into an in-memory array, so an unreadable file fails at start-up with its path
-  rather than mid-epoch. Meant for small folders; large image sets belong in tfds.
+  decoded once, at start-up, into an in-memory array (a parallel decode: CIFAR-10's 60,000 JPEGs in
+  seconds), so an unreadable file fails before training with its path rather than mid-epoch. Meant for
+  folders that fit in memory; larger image sets belong in tfds.
 - `synthetic`: deterministic noise images whose mean brightness band is the label, so that smoke runs
   can show learning without any files.
 
@@ -95,20 +96,38 @@ def _decode_file(path, channels, image_size):
     return eval_transform(image, image_size).numpy()
 
 
+def _decode_all(paths, channels, image_size):
+    """Every file decoded (and resized to `image_size`), in order, by a parallel tf.data map: 60,000 small
+    JPEGs take seconds, where a Python loop of eager decodes takes minutes. On a file that fails, the files
+    are decoded one by one so that the error names it."""
+    def decode(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        return eval_transform(image, image_size) if image_size else image
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(decode, tf.data.AUTOTUNE, deterministic=True)
+    try:
+        return list(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        return [_decode_file(path, channels, image_size) for path in paths]
+
+
 def _load_folder(cfg, split):
+    if not cfg.data_dir:  # a config may leave it to the command line (configs/cifar10.py does)
+        raise DataError("source='folder' needs config.data.data_dir, the folder holding train/<class>/ and "
+                        f"test/<class>/. Received: data_dir={cfg.data_dir!r}")
     classes = _folder_classes(cfg.data_dir)
     split_dir = os.path.join(cfg.data_dir, split)
-    images, labels, paths = [], [], []
+    labels, paths = [], []
     for name in sorted(os.listdir(split_dir)) if os.path.isdir(split_dir) else []:
         if name not in classes:
             raise DataError(f"{os.path.join(split_dir, name)}: class {name!r} is not in {classes}")
         for file in sorted(os.listdir(os.path.join(split_dir, name))):
             if file.lower().endswith(IMAGE_SUFFIXES):
                 paths.append(os.path.join(split_dir, name, file))
-                images.append(_decode_file(paths[-1], cfg.channels, cfg.image_size))
                 labels.append(classes.index(name))
-    if not images:
+    if not paths:
         raise DataError(f"{split_dir}: no {'/'.join(IMAGE_SUFFIXES)} images found")
+    images = _decode_all(paths, cfg.channels, cfg.image_size)
     for path, image in zip(paths, images):
         if image.shape != images[0].shape:
             raise DataError(f"{path}: size {image.shape} differs from {images[0].shape} of {paths[0]}; "
@@ -147,12 +166,22 @@ def _tfds_builder(cfg):
 
 
 def _load_tfds(cfg, split):
+    """The tfds split as a stream, and a function that reads its labels without decoding any image."""
+    import tensorflow_datasets as tfds
+
     builder = _tfds_builder(cfg)
     splits = builder.info.splits
     if split == "test" and splits and "test" not in splits:
         split = "validation"  # imagenet2012 has no labelled test split
     ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    return ds, builder.info.features["label"].num_classes
+    image_key = builder.info.supervised_keys[0]
+
+    def read_labels():
+        skip = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False,
+                                  decoders={image_key: tfds.decode.SkipDecoding()})
+        return np.concatenate([y for y in skip.map(lambda x, y: y).batch(4096).as_numpy_iterator()])
+
+    return ds, read_labels, builder.info.features["label"].num_classes
 
 
 def _keep_classes(images, labels, num_classes, classes):
@@ -166,19 +195,67 @@ def _keep_classes(images, labels, num_classes, classes):
     return images[keep], lookup[labels[keep]], len(classes)
 
 
-def load(cfg, split, limit):
-    """Unbatched (uint8 image, int32 label) dataset of the first `limit` examples (0 = all), its size
-    and the number of classes."""
+class Examples:
+    """One split's examples, in their stored order: held in memory as uint8 `images` [N, H, W, C] and int32
+    labels (idx, folder, synthetic), or streamed from tfds (labels read on demand, images undecoded).
+    `select` keeps a subset by index; `dataset()` gives (uint8 image, int32 label) pairs in order."""
+
+    def __init__(self, num_classes, images=None, labels=None, stream=None, read_labels=None, indices=None):
+        self.num_classes = num_classes
+        self.images, self._labels = images, labels
+        self._stream, self._read_labels, self._indices = stream, read_labels, indices
+
+    @property
+    def in_memory(self):
+        return self._stream is None
+
+    @property
+    def count(self):
+        if self.in_memory:
+            return len(self._labels)
+        if self._indices is not None:
+            return len(self._indices)
+        count = int(self._stream.cardinality())
+        if count < 0:
+            raise DataError("Cannot count the examples of this tfds split")
+        return count
+
+    def labels(self):
+        if self._labels is None:  # tfds: one pass over the labels, once
+            self._labels = self._read_labels()
+            if self._indices is not None:
+                self._labels = self._labels[self._indices]
+        return self._labels
+
+    def select(self, indices):
+        """The examples at `indices` (positions in this set, ascending)."""
+        indices = np.asarray(indices, np.int64)
+        labels = None if self._labels is None else self._labels[indices]
+        if self.in_memory:
+            return Examples(self.num_classes, self.images[indices], labels)
+        absolute = indices if self._indices is None else self._indices[indices]
+        return Examples(self.num_classes, None, labels, self._stream, self._read_labels, absolute)
+
+    def dataset(self):
+        if self.in_memory:
+            ds = tf.data.Dataset.from_tensor_slices((self.images, self._labels))
+        elif self._indices is None:
+            ds = self._stream
+        else:
+            mask = np.zeros(int(self._indices[-1]) + 1 if len(self._indices) else 0, bool)
+            mask[self._indices] = True
+            keep = tf.constant(mask)
+            ds = self._stream.take(len(mask)).enumerate().filter(lambda i, xy: keep[i]).map(lambda i, xy: xy)
+        return ds.map(lambda x, y: (x, tf.cast(y, tf.int32)))
+
+
+def load(cfg, split):
+    """`Examples` of `split` ('train' or 'test') from `config.data.source`, `config.data.classes` applied."""
     if cfg.source == "tfds":
-        ds, num_classes = _load_tfds(cfg, split)
-    else:
-        loader = {"idx": _load_idx, "folder": _load_folder, "synthetic": _load_synthetic}[cfg.source]
-        images, labels, num_classes = loader(cfg, split)
-        if cfg.classes:
-            images, labels, num_classes = _keep_classes(images, labels, num_classes, tuple(cfg.classes))
-        ds = tf.data.Dataset.from_tensor_slices((images, labels))
-    ds = ds.take(limit) if limit else ds
-    count = int(ds.cardinality())
-    if count < 0:
-        raise DataError(f"Cannot count the {split!r} examples of {cfg.source}:{cfg.name}")
-    return ds.map(lambda x, y: (x, tf.cast(y, tf.int32))), count, num_classes
+        stream, read_labels, num_classes = _load_tfds(cfg, split)
+        return Examples(num_classes, stream=stream, read_labels=read_labels)
+    loader = {"idx": _load_idx, "folder": _load_folder, "synthetic": _load_synthetic}[cfg.source]
+    images, labels, num_classes = loader(cfg, split)
+    if cfg.classes:
+        images, labels, num_classes = _keep_classes(images, labels, num_classes, tuple(cfg.classes))
+    return Examples(num_classes, images, labels.astype(np.int32))

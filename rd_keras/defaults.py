@@ -23,15 +23,26 @@ DATA = {
     "synthetic_examples": 512,  # train split; the test split gets a fifth as many
     "batch_size": 128,  # global, across replicas
     "augment": "cifar",
-    "train_subset": 0,  # 0 = all; else the first n examples
-    "eval_subset": 0,
-    "validation_split": 0.0,  # > 0: evaluate on the last fraction of the train examples, test only at the end
+    "train_subset": 0,  # 0 = all; else n examples, a class-stratified random choice (data.split_seed)
+    "eval_subset": 0,  # likewise, of the evaluation split
+    # > 0: evaluate on this fraction of the train examples (class-stratified, random by data.split_seed),
+    # the test split only once, at the end
+    "validation_split": 0.0,
+    "split_seed": 0,  # which examples the subsets and the validation split hold: the same for every train.seed
     "cache": True,  # in memory, after decoding: turn off for ImageNet-sized data
-    "shuffle_buffer": 10_000,
+    "shuffle_buffer": 10_000,  # tfds (streamed) data; in-memory data is shuffled as a full permutation
     "seed": 0,
     "mean": (),  # empty = known constants for `name`, else 0.5 per channel
     "std": (),
     "normalization": "dataset",  # "dataset" (mean/std above) | "caffe" | "torch": as the pretrained teacher
+}
+
+
+# Per-channel mean and std of the training images / 255 (the published values; the 50,000 images of the
+# JPEG copy measure 0.4868, 0.4822, 0.4414 / 0.2451, 0.2425, 0.2605: JPEG's colour subsampling, no matter).
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
 
 

@@ -115,6 +115,8 @@ class HybridPaths:
                 raise ValueError("Hybrid paths with entry='rescale' need the teacher's features: "
                                  "logits(outputs, paths.teacher_outputs(teacher, images)).")
             inputs = [rescale(x, tf.stop_gradient(teacher_outputs[p])) for x, p in zip(inputs, self.points)]
+        # One tail per path. Stacking every path's rows through each teacher piece once was measured no
+        # faster on CPU (docs/results/notes.md, "RD + KD step cost"), so the tails stay separate.
         return [tail(x, training=False) for x, tail in zip(inputs, self.tails)]
 
 

@@ -26,7 +26,7 @@ from rd_keras.loop import TrainLoop
 from rd_keras.modes import MODES, STUDENT_INITS, TRAIN_MODES, Context
 
 STRATEGIES = ("auto", "default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_float16")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")  # bfloat16 needs no loss scaling
 NAN_POLICIES = ("stop", "skip")
 
 

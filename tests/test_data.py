@@ -120,29 +120,64 @@ def test_batching_dtypes_and_drop_remainder(tmp_path):
     assert len(batches(train_ds)) == 3
 
 
-def test_subsets_take_the_first_examples(tmp_path):
-    config = make_config(data_dir=write_idx_dataset(tmp_path), train_subset=20, eval_subset=4,
-                         batch_size=8, augment="none", shuffle_buffer=1)
-    train_ds, eval_ds, info = data.datasets(config)
-    assert (info.train_examples, info.eval_examples) == (20, 4)
-    images, labels = data.raw_examples(config, "train", 16)
-    (x0, y0), (x1, y1) = batches(train_ds)
-    np.testing.assert_array_equal(np.concatenate([y0, y1]), labels)
-    np.testing.assert_allclose(np.concatenate([x0, x1]), data.normalize(images, info.mean, info.std),
-                               rtol=1e-6)
+def write_sorted_idx_dataset(root, per_class=6, classes=10, n_test=10):
+    """IDX files whose train labels come class by class, as an image folder lists them; each image's first
+    pixel is its index, so a test can tell which examples a split holds."""
+    labels = np.repeat(np.arange(classes), per_class)
+    images = np.zeros((len(labels), 28, 28), np.uint8)
+    images[:, 0, 0] = np.arange(len(labels))
+    write_idx(root / "train-images-idx3-ubyte", images)
+    write_idx(root / "train-labels-idx1-ubyte", labels)
+    write_idx(root / "t10k-images-idx3-ubyte", images[:n_test])
+    write_idx(root / "t10k-labels-idx1-ubyte", labels[:n_test])
+    return str(root)
 
 
-def test_validation_split_holds_out_the_last_train_examples(tmp_path):
-    config = make_config(data_dir=write_idx_dataset(tmp_path, n_train=40, n_test=10), validation_split=0.25,
-                         batch_size=10, augment="none", shuffle_buffer=1)
+def pass_examples(ds):
+    """(first pixels = example indices, labels) of a pass of normalised batches."""
+    xs, ys = zip(*batches(ds))
+    return np.rint(np.concatenate(xs)[:, 0, 0, 0]).astype(int), np.concatenate(ys)
+
+
+def test_subsets_are_stratified_seeded_random_choices(tmp_path):
+    config = make_config(data_dir=write_sorted_idx_dataset(tmp_path), train_subset=20, eval_subset=5,
+                         batch_size=4, augment="none", mean=(0.0,), std=(1 / 255,))
     passes, eval_ds, info = data.pipelines(config)
-    assert (info.train_examples, info.eval_examples, info.eval_split) == (30, 10, "validation")
-    images, labels = data.raw_examples(config, "train", 40)
-    train_labels = np.concatenate([y for _, y in batches(passes.one_pass(0))])
-    np.testing.assert_array_equal(train_labels, labels[:30])
-    (x, y), = batches(eval_ds)
-    np.testing.assert_array_equal(y, labels[30:])
-    np.testing.assert_allclose(x, data.normalize(images[30:], info.mean, info.std), rtol=1e-6)
+    assert (info.train_examples, info.eval_examples) == (20, 5)
+    index, labels = pass_examples(passes.one_pass(0))
+    np.testing.assert_array_equal(np.bincount(labels, minlength=10), [2] * 10)  # not the first 20 (3 classes)
+    np.testing.assert_array_equal(index // 6, labels)  # each example keeps its own label
+    again, _ = pass_examples(data.pipelines(config)[0].one_pass(0))
+    np.testing.assert_array_equal(again, index)  # seeded: the same subset and order in a new process
+    config.data.split_seed = 1
+    other, _ = pass_examples(data.pipelines(config)[0].one_pass(0))
+    assert set(other) != set(index)
+    # raw_examples draws the same way (export: calibration and test images of every class).
+    _, raw_labels = data.raw_examples(config, "train", 30)
+    np.testing.assert_array_equal(np.bincount(raw_labels, minlength=10), [3] * 10)
+
+
+def test_class_sorted_data_gets_a_stratified_validation_split_and_mixed_batches(tmp_path):
+    # The bug this guards against: the last 10% of a class-sorted folder is one class (validation
+    # accuracy 0, that class never trained), and a shuffle buffer smaller than the data feeds
+    # single-class batches.
+    config = make_config(data_dir=write_sorted_idx_dataset(tmp_path, per_class=20), validation_split=0.25,
+                         batch_size=15, augment="none", shuffle_buffer=4, mean=(0.0,), std=(1 / 255,))
+    passes, eval_ds, info = data.pipelines(config)
+    assert (info.train_examples, info.eval_examples, info.eval_split) == (150, 50, "validation")
+    val_index, val_labels = pass_examples(eval_ds)
+    np.testing.assert_array_equal(np.bincount(val_labels, minlength=10), [5] * 10)
+    train_index, train_labels = pass_examples(passes.one_pass(0))
+    np.testing.assert_array_equal(np.bincount(train_labels, minlength=10), [15] * 10)
+    assert not set(train_index) & set(val_index) and len(set(train_index)) == 150  # a partition
+    first_batch = train_labels[:15]
+    assert len(set(first_batch)) >= 6, first_batch  # a full permutation, not the 4-example buffer
+    next_pass, _ = pass_examples(passes.one_pass(1))
+    assert sorted(next_pass) == sorted(train_index) and list(next_pass) != list(train_index)
+    # The validation split does not move with train.seed / data.seed: runs of several seeds choose on
+    # the same images.
+    config.data.seed = 7
+    np.testing.assert_array_equal(pass_examples(data.pipelines(config)[1])[0], val_index)
     # The test split stays reachable for the one final evaluation.
     test_ds, count = data.test_dataset(config, info)
     _, test_labels = data.raw_examples(config, "test", 10)

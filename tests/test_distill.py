@@ -373,16 +373,23 @@ def test_norm_clip_refuses_bad_caps(kwargs, message):
         clipping.NormClip(**kwargs)
 
 
-def test_mixed_float16_step_is_finite_and_loss_scaled():
+@pytest.mark.parametrize("precision, compute_dtype, loss_scaled", [
+    ("mixed_float16", "float16", True),
+    # bfloat16 keeps float32's exponent range: no loss scale.
+    ("mixed_bfloat16", "bfloat16", False),
+])
+def test_mixed_precision_step_is_finite(precision, compute_dtype, loss_scaled):
     previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_float16")
+    keras.mixed_precision.set_global_policy(precision)
     try:
-        setup = setup_for(small_config(**{"train.precision": "mixed_float16", "distill.kd_alpha": 0.5}))
+        setup = setup_for(small_config(**{"train.precision": precision, "distill.kd_alpha": 0.5,
+                                          "distill.hybrid_entry": "rescale", "distill.logit_kd_alpha": 1.0}))
         optimizers = [v for k, v in setup.checkpoint_objects.items() if k.endswith("_optimizer")]
         assert len(optimizers) == 2
-        assert all(isinstance(o, keras.optimizers.LossScaleOptimizer) for o in optimizers)
+        assert all(isinstance(o, keras.optimizers.LossScaleOptimizer) == loss_scaled for o in optimizers)
         plain = setup.trained["plain"]
-        assert plain.get_layer("stage1_block1_conv1").compute_dtype == "float16"
+        assert plain.get_layer("stage1_block1_conv1").compute_dtype == compute_dtype
+        assert plain.get_layer("logits").compute_dtype == "float32"
         before = snapshot(plain)
         iterator = one_batch_iterator(*batch())
         for _ in range(2):

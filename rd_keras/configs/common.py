@@ -68,7 +68,7 @@ def get_config():
         "weight_decay": defaults.WEIGHT_DECAY,  # L2: loss += weight_decay/2 * sum ||kernel||^2 (PyTorch SGD)
         "seed": 0,
         "deterministic": False,  # tf.config.experimental.enable_op_determinism()
-        "precision": "float32",  # or "mixed_float16" (loss-scaled)
+        "precision": "float32",  # or "mixed_float16" (loss-scaled) or "mixed_bfloat16" (CPUs with AVX512_BF16)
         "jit_compile": False,  # XLA for forward+backward; slower on CPU
         "strategy": "auto",  # auto | default | mirrored | multi_worker
         "nan_policy": "stop",  # "stop": fail naming the step and term; "skip": drop that update
@@ -154,6 +154,8 @@ def cifar(name, arg=None):
     config = get_config()
     config.data.source = "tfds"
     config.data.name = name
+    # The data set's own statistics, whatever the source (tfds knows them by name, a folder does not).
+    config.data.mean, config.data.std = defaults.CIFAR_STATS[name]
     config.data.data_dir = ""  # the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR)
     config.data.download = False
     config.data.augment = "cifar"  # pad 4 + random 32x32 crop + flip
