@@ -380,8 +380,9 @@ def test_interleaved_alternates_order_and_respects_run_bounds():
     assert stats["median_ms"] == pytest.approx(2.0) and stats["runs"] == 3
     ratio = bench_common.paired_ratio([2.0, 4.0], [1.0, 1.0])
     assert ratio["median"] == pytest.approx(3.0)
-    assert bench_common.compare(150, 100) == {"resnet": 150, "plain": 100, "ratio": 1.5,
-                                              "shortcut_share": pytest.approx(1 / 3)}
+    assert bench_common.compare(150, 100) == {"resnet": 150, "plain": 100, "exact": None, "ratio": 1.5,
+                                              "shortcut_share": pytest.approx(1 / 3), "exact_ratio": None}
+    assert bench_common.compare(150, 100, 300)["exact_ratio"] == 3.0
 
 
 def test_help_needs_no_tensorflow():
