@@ -17,6 +17,7 @@ from rd_keras.bench import accuracy as bench_accuracy
 from rd_keras.bench import accuracy_report, accuracy_reuse
 from rd_keras.bench import common as bench_common
 from rd_keras.bench import feature_scale
+from rd_keras.bench import memory as bench_memory
 
 TINY = ["--archs=resnet8", "--width=0.25", "--quick"]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,20 +52,28 @@ def test_inference(results_dir, capsys):
     assert payload["command"] == "inference" and payload["machine"]["cpu_cores"] >= 1
     (result,) = payload["results"]
     assert result["params"]["resnet"] > result["params"]["plain"] > 0
+    deployed = result["deployed_params"]
+    assert deployed["exact"] > deployed["resnet"] > deployed["plain"] > 0
     macs = result["multiply_adds"]
-    # ResNet-8 has two projection convs (1x1, stride 2) that its plain twin lacks.
-    assert macs["resnet"] > macs["plain"] > 0 and _approx(macs["ratio"], macs["resnet"] / macs["plain"])
+    # ResNet-8 has two projection convs (1x1, stride 2) that its plain twin lacks; its exact conversion
+    # widens every block's convs by the channels it carries.
+    assert macs["exact"] > macs["resnet"] > macs["plain"] > 0 and _approx(macs["ratio"], macs["resnet"] / macs["plain"])
+    assert _approx(macs["exact_ratio"], macs["exact"] / macs["plain"]) and result["exact_convert_s"] > 0
     runtimes = {(m["runtime"], m["batch_size"]) for m in result["measurements"]}
     expected = {"keras", "saved_model", "tflite_fp32_t1", "tflite_fp32_t2", "tflite_int8_t1", "tflite_int8_t2"}
     assert runtimes == {(r, b) for r in expected for b in (1, 4)}
     for m in result["measurements"]:
-        for side in ("resnet", "plain"):
+        for side in ("resnet", "plain", "exact"):
             stats = m[side]
             assert stats["runs"] >= 2
             assert 0 < stats["min_ms"] <= stats["median_ms"] <= stats["p90_ms"]
             assert _approx(stats["images_per_s"], m["batch_size"] / stats["median_ms"] * 1e3)
+        assert m["resnet"]["runs"] == m["plain"]["runs"] == m["exact"]["runs"]  # interleaved rounds
         assert _approx(m["speedup"], m["resnet"]["median_ms"] / m["plain"]["median_ms"])
-        assert m["paired_speedup"]["q25"] <= m["paired_speedup"]["median"] <= m["paired_speedup"]["q75"]
+        assert _approx(m["exact_speedup"], m["exact"]["median_ms"] / m["plain"]["median_ms"])
+        for paired in (m["paired_speedup"], m["paired_exact_speedup"]):
+            assert paired["q25"] <= paired["median"] <= paired["q75"]
+    assert "exact/plain" in out and set(result["tflite_bytes"]["tflite_fp32"]) == {"resnet", "plain", "exact"}
 
 
 def test_memory(results_dir, capsys):
@@ -75,17 +84,48 @@ def test_memory(results_dir, capsys):
     for dtype in ("fp32", "int8"):
         live = result["liveness"][dtype]
         assert 0 < live["plain"] < live["resnet"]
+        # The exact conversion holds a block's input in its carried channels instead of beside the block.
+        assert live["exact"] > live["plain"]
         assert _approx(live["ratio"], live["resnet"] / live["plain"])
         assert _approx(live["shortcut_share"], 1 - live["plain"] / live["resnet"])
+        assert _approx(live["exact_ratio"], live["exact"] / live["plain"])
         arena = result["tflite_arena"][dtype]
-        assert arena["resnet"] > 0 and arena["plain"] > 0
+        assert arena["exact"] > arena["plain"] > 0 and arena["resnet"] > 0
     # int8 feature maps are a quarter of fp32 ones, value for value.
     assert result["liveness"]["int8"]["resnet"] * 4 == result["liveness"]["fp32"]["resnet"]
     assert result["liveness"]["plain_two_buffer_bound_fp32"] <= result["liveness"]["fp32"]["plain"]
     (engine,) = result["rss"]
     rss = result["rss"][engine]
     assert engine == "tflite_fp32" and rss["batch_size"] == 8
-    assert rss["resnet"] >= 0 and rss["plain"] >= 0
+    for side in ("resnet", "plain", "exact"):
+        # A reading is either at least the largest conv's input + output, or below resolution and null.
+        if rss[side] is None:
+            assert side in rss["below_resolution"] and rss["raw"][side] < rss["floor"][side]
+            assert bench_memory.BELOW_RESOLUTION in out
+        else:
+            assert rss[side] == rss["raw"][side] >= rss["floor"][side] > 0
+
+
+def test_peak_rss_below_the_largest_conv_is_below_resolution():
+    """ResNet-20 int8 at batch 64 grew by 0 bytes in docs/results/memory.json: printed as 0 MiB, it read
+    like a result."""
+    floors = {"resnet": 2 ** 21, "plain": 2 ** 21, "exact": 2 ** 22}
+    figure = bench_memory._rss_figure({"resnet": 0, "plain": 3 * 2 ** 20, "exact": 2 ** 22}, floors, 64)
+    assert figure["resnet"] is None and figure["below_resolution"] == ["resnet"]
+    assert figure["raw"]["resnet"] == 0 and figure["ratio"] is None and figure["exact_ratio"] == 4 / 3
+    live = {"resnet": 1, "plain": 1, "exact": 1, "ratio": 1.0, "shortcut_share": 0.0, "exact_ratio": 1.0}
+    result = {"pair": "p", "batch_size": 1, "liveness": {"fp32": live, "int8": live, "plain_two_buffer_bound_fp32": 1},
+              "tflite_arena": {"fp32": live, "int8": live}, "rss": {"tflite_int8": figure}}
+    (row,) = [r for r in bench_memory.rows([result]) if r[1] == "rss tflite_int8 b64"]
+    assert row[2:5] == [bench_memory.BELOW_RESOLUTION, 3.0, 4.0]
+    assert bench_memory.BELOW_RESOLUTION in bench_memory.table([result])
+
+
+def test_memory_floor_is_the_largest_convs_input_and_output():
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same"),
+                              keras.layers.Conv2D(16, 3, strides=2, padding="same")])
+    # conv 1: 8*8*3 in + 8*8*4 out = 448 values; conv 2: 8*8*4 in + 4*4*16 out = 512 values.
+    assert bench_memory._conv_floor(model, batch=2, nbytes=4) == 2 * 4 * (8 * 8 * 4 + 4 * 4 * 16)
 
 
 def test_train_step(results_dir, capsys):
@@ -277,6 +317,26 @@ def test_report(results_dir, tmp_path, capsys):
             assert (img / png).stat().st_size > 0
 
 
+def test_report_exact_section_has_three_rows_per_pair(results_dir, tmp_path, capsys):
+    if not (results_dir / "inference.json").exists() or not (results_dir / "memory.json").exists():
+        pytest.skip("the inference and memory tests left no JSON")
+    saved = tmp_path / "results"
+    saved.mkdir()
+    for name in ("inference", "memory"):
+        (saved / f"exact_{name}.json").write_text((results_dir / f"{name}.json").read_text())
+    out_md = tmp_path / "results.md"
+    _run(["report", f"--results_dir={saved}", f"--out={out_md}", f"--img_dir={tmp_path / 'img'}"], capsys)
+    text = out_md.read_text()
+    section = text[text.index("## The exact conversion against the RD plain net"):]
+    assert "Command: `python -m rd_keras.bench inference" in section and "bench memory" in section
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| net ")]
+    assert [row.split(" | ")[0] for row in rows] == ["| ResNet", "| RD plain net", "| exact conversion (no training)"]
+    assert "the ResNet's, by construction" in rows[2] and "none: converted in" in rows[2]
+    inference = _load(saved / "exact_inference.json")["results"][0]
+    exact_params = inference["deployed_params"]["exact"] / inference["deployed_params"]["plain"]
+    assert f"({exact_params:.2f}x)" in rows[2]
+
+
 def test_report_without_results_fails_clearly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(["report", f"--results_dir={tmp_path}"])
@@ -320,8 +380,9 @@ def test_interleaved_alternates_order_and_respects_run_bounds():
     assert stats["median_ms"] == pytest.approx(2.0) and stats["runs"] == 3
     ratio = bench_common.paired_ratio([2.0, 4.0], [1.0, 1.0])
     assert ratio["median"] == pytest.approx(3.0)
-    assert bench_common.compare(150, 100) == {"resnet": 150, "plain": 100, "ratio": 1.5,
-                                              "shortcut_share": pytest.approx(1 / 3)}
+    assert bench_common.compare(150, 100) == {"resnet": 150, "plain": 100, "exact": None, "ratio": 1.5,
+                                              "shortcut_share": pytest.approx(1 / 3), "exact_ratio": None}
+    assert bench_common.compare(150, 100, 300)["exact_ratio"] == 3.0
 
 
 def test_help_needs_no_tensorflow():

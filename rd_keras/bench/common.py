@@ -2,7 +2,8 @@
 
 A *pair* is a ResNet and its plain twin built with the same spec, input shape, class count and width:
 every benchmark compares the two inside one process, so that whatever else the machine is doing hits
-both alike. Timings are interleaved (A B, then B A, ...) rather than run as two blocks, for the same
+both alike. `bench inference` and `bench memory` add a third row (`SIDES`), the ResNet's exact conversion
+(`rd_keras.export.exact`): the shortcut-free net that needs no training, which the RD plain net must beat. Timings are interleaved (A B, then B A, ...) rather than run as two blocks, for the same
 reason: a slow minute caused by someone else's job then lands on both models instead of one.
 """
 
@@ -28,6 +29,10 @@ RESULTS_DIR = os.path.join("docs", "results")
 # int8 calibration images: random normal, like the normalised inputs. They set the quantisation scales,
 # which change neither the kernels run nor the memory planned, so a few suffice for speed and memory.
 CALIBRATION_IMAGES = 4
+# The rows of `bench inference` and `bench memory`, and how tables name them. The plain twin stands for the
+# RD-trained plain net: speed and memory do not depend on the weights' values.
+SIDES = ("resnet", "plain", "exact")
+SIDE_LABELS = {"resnet": "ResNet", "plain": "RD plain net", "exact": "exact conversion (no training)"}
 
 
 
@@ -62,6 +67,18 @@ class Pair:
 
         return architectures.build(self.resnet, shortcuts=shortcuts, num_classes=self.num_classes,
                                    input_shape=self.input_shape, width=self.width)
+
+    def deployed(self, sides=SIDES) -> dict:
+        """{side: the float32 classifier deployed for it}: the BN-folded ResNet and plain twin, and the exact
+        conversion of that same ResNet (random weights)."""
+        from rd_keras import architectures
+        from rd_keras.export import exact, folding
+
+        resnet = self.build("all") if {"resnet", "exact"} & set(sides) else None
+        nets = {"resnet": lambda: folding.fold(architectures.classifier(resnet)),
+                "plain": lambda: folding.fold(architectures.classifier(self.build("none"))),
+                "exact": lambda: exact.convert(resnet)}
+        return {side: nets[side]() for side in sides}
 
 
 def parse_pairs(archs: str, width: float = 1.0, image_size: int | None = None) -> list[Pair]:
@@ -229,13 +246,18 @@ def mib(nbytes) -> float | None:
     return None if nbytes is None else nbytes / 2 ** 20
 
 
-def compare(resnet_value, plain_value) -> dict:
-    """Both sides of one figure, `ratio` = resnet / plain, and the share of the ResNet's figure that the
-    shortcuts cost (1 - plain / resnet). None where a side is missing or zero."""
-    ok = resnet_value is not None and plain_value is not None and resnet_value > 0 and plain_value > 0
-    return {"resnet": resnet_value, "plain": plain_value,
-            "ratio": resnet_value / plain_value if ok else None,
-            "shortcut_share": 1.0 - plain_value / resnet_value if ok else None}
+def _ratio(a, b):
+    return a / b if a is not None and b is not None and a > 0 and b > 0 else None
+
+
+def compare(resnet_value, plain_value, exact_value=None) -> dict:
+    """The sides of one figure, `ratio` = resnet / plain, the share of the ResNet's figure that the
+    shortcuts cost (1 - plain / resnet), and `exact_ratio` = exact / plain (what the RD plain net saves
+    over the exact conversion). None where a side is missing or zero."""
+    ratio = _ratio(resnet_value, plain_value)
+    return {"resnet": resnet_value, "plain": plain_value, "exact": exact_value,
+            "ratio": ratio, "shortcut_share": None if ratio is None else 1.0 - plain_value / resnet_value,
+            "exact_ratio": _ratio(exact_value, plain_value)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -335,15 +357,18 @@ def run_pairs(command, args, pairs, settings, load_at_start, bench_pair, table):
 # ----------------------------------------------------------------------------- markdown
 
 
+def md_cell(v) -> str:
+    """One value as the report's tables print it: 3 significant digits, thousands separated, '–' for None."""
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
 def md_table(rows, header):
-    def cell(v):
-        if v is None:
-            return "–"
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(md_cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 

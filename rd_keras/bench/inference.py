@@ -1,7 +1,10 @@
-"""`bench inference`: latency and throughput of ResNets and their plain twins, on every deployment runtime.
+"""`bench inference`: latency and throughput of ResNets, their plain twins and their exact conversions, on
+every deployment runtime.
 
-For each pair (ResNet, plain twin; random weights: speed does not depend on their values) the
-classifier is BN-folded (`rd_keras.export.folding.fold`) and then run four ways:
+Three rows per pair (random weights: speed does not depend on their values): the ResNet, its plain twin
+(what RD trains), and the ResNet's exact conversion (`rd_keras.export.exact`: the same logits without
+shortcuts, no training, wider convs). Each classifier is BN-folded (`rd_keras.export.folding.fold`) and
+then run four ways:
 
 - `keras`: the folded Keras model called through a `tf.function` in inference mode (TF's own threads);
 - `saved_model`: the exported SavedModel (`rd_keras.export.saved_model_export.build_archive`), reloaded with
@@ -10,15 +13,17 @@ classifier is BN-folded (`rd_keras.export.folding.fold`) and then run four ways:
   random normal images, which sets scales, not speed), run by the LiteRT `Interpreter` with its default
   XNNPACK delegate, with each of `--threads`.
 
-Each timed call is one full request: input copy in, run, output copy out. The two nets of a pair are timed
-interleaved in one process; `speedup` = ResNet time / plain time (> 1: the plain net is faster) from the
-two medians, and `paired_speedup` is the median of the per-round ratios.
+Each timed call is one full request: input copy in, run, output copy out. The three nets of a pair are
+timed interleaved in one process, round by round; `speedup` = ResNet time / plain time (> 1: the plain net
+is faster) from the medians, `exact_speedup` = exact conversion time / plain time, and `paired_speedup`,
+`paired_exact_speedup` the medians of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import gc
 import tempfile
+import time
 
 import numpy as np
 
@@ -129,15 +134,19 @@ def _configs(settings):
 def bench_pair(pair, settings, workdir):
     """All measurements of one pair: a list of dicts, one per (runtime configuration, batch size)."""
     from rd_keras import architectures
-    from rd_keras.export import folding
+    from rd_keras.export import exact
 
     shape = tuple(pair.input_shape)
-    folded, params, macs, tflite = {}, {}, {}, {}
-    for side, shortcuts in (("resnet", "all"), ("plain", "none")):
-        model = architectures.classifier(pair.build(shortcuts))
-        params[side] = int(model.count_params())
-        folded[side] = folding.fold(model)
-        macs[side] = common.multiply_adds(folded[side])
+    folded = pair.deployed(("resnet", "plain"))
+    start = time.perf_counter()
+    folded["exact"] = exact.convert(folded["resnet"])
+    convert_s = time.perf_counter() - start  # all the exact conversion costs instead of training
+    params = {side: int(architectures.classifier(pair.build(shortcuts)).count_params())
+              for side, shortcuts in (("resnet", "all"), ("plain", "none"))}
+    # What is shipped: BN folded into conv biases (the exact conversion has no other form).
+    deployed_params = {side: int(model.count_params()) for side, model in folded.items()}
+    macs = {side: common.multiply_adds(model) for side, model in folded.items()}
+    tflite = {}
     for engine in settings["engines"]:
         if engine.startswith("tflite"):
             quantize = "none" if engine == "tflite_fp32" else "int8"
@@ -161,20 +170,24 @@ def bench_pair(pair, settings, workdir):
                     budget_s=settings["budget_s"], desc=f"{pair.name} {label} b{batch}")
                 entry = {"runtime": label, "engine": engine, "threads": threads, "batch_size": batch,
                          "load_average": common.load_average()}
-                for side in ("resnet", "plain"):
+                for side in common.SIDES:
                     stats = common.summarize(times[side])
                     stats["images_per_s"] = batch / (stats["median_ms"] / 1e3)
                     entry[side] = stats
                 entry["speedup"] = entry["resnet"]["median_ms"] / entry["plain"]["median_ms"]
                 entry["paired_speedup"] = common.paired_ratio(times["resnet"], times["plain"])
+                entry["exact_speedup"] = entry["exact"]["median_ms"] / entry["plain"]["median_ms"]
+                entry["paired_exact_speedup"] = common.paired_ratio(times["exact"], times["plain"])
                 measurements.append(entry)
                 del calls
                 gc.collect()
     sizes = {engine: {side: len(content) for side, content in by_side.items()} for engine, by_side in tflite.items()}
-    # The speedup that arithmetic alone predicts: the projection convs are the only MACs the plain net drops.
+    # The speedup that arithmetic alone predicts: the projection convs are the only MACs the plain net drops,
+    # and the exact conversion's widened convs are all the MACs it adds.
     macs["ratio"] = macs["resnet"] / macs["plain"]
-    return {**pair.describe(), "params": params, "multiply_adds": macs, "tflite_bytes": sizes,
-            "measurements": measurements}
+    macs["exact_ratio"] = macs["exact"] / macs["plain"]
+    return {**pair.describe(), "params": params, "deployed_params": deployed_params, "multiply_adds": macs,
+            "exact_convert_s": convert_s, "tflite_bytes": sizes, "measurements": measurements}
 
 
 def table(results) -> str:
@@ -184,12 +197,15 @@ def table(results) -> str:
             latency = m["batch_size"] == 1
             key = "median_ms" if latency else "images_per_s"
             rows.append([result["pair"], m["runtime"], m["batch_size"], "ms" if latency else "img/s",
-                         m["resnet"][key], m["plain"][key], m["resnet"]["p90_ms"], m["plain"]["p90_ms"],
-                         m["speedup"], m["paired_speedup"]["median"], min(m["resnet"]["runs"], m["plain"]["runs"])])
-    header = ["pair", "runtime", "batch", "unit", "resnet", "plain", "resnet p90 ms", "plain p90 ms",
-              "speedup", "paired", "runs"]
+                         *(m[side][key] for side in common.SIDES), *(m[side]["p90_ms"] for side in common.SIDES),
+                         m["speedup"], m["paired_speedup"]["median"], m["exact_speedup"],
+                         m["paired_exact_speedup"]["median"], min(m[side]["runs"] for side in common.SIDES)])
+    header = ["pair", "runtime", "batch", "unit", "resnet", "plain", "exact", "resnet p90 ms", "plain p90 ms",
+              "exact p90 ms", "speedup", "paired", "exact/plain", "paired", "runs"]
     return ("batch 1: median latency (ms); larger batches: throughput (images/s) from the median batch time.\n"
-            "speedup = resnet time / plain time (> 1: plain is faster); paired = median of per-round ratios.\n"
+            "plain: the RD plain net; exact: the ResNet's exact conversion (no training).\n"
+            "speedup = resnet time / plain time, exact/plain = exact time / plain time (> 1: plain is faster); "
+            "paired = median of per-round ratios.\n"
             + common.format_table(rows, header))
 
 

@@ -1,8 +1,9 @@
 """`bench report`: regenerate docs/results.md and its plots from the JSON files the other commands saved.
 
-Reads `<results_dir>/{inference,memory,train_step,accuracy,transfer}.json` (any that exist), writes `--out`
-(markdown: machine, budget, date and exact command of every measurement, the tables, and the comparison
-with the paper's claims computed from the numbers) and PNG plots under `--img_dir` (matplotlib, Agg):
+Reads `<results_dir>/{inference,memory,train_step,accuracy,transfer,exact_inference,exact_memory}.json` (any
+that exist; the last two are `bench inference` and `bench memory` runs for the exact-conversion section),
+writes `--out` (markdown: machine, budget, date and exact command of every measurement, the tables, and
+the comparison with the paper's claims computed from the numbers) and PNG plots under `--img_dir` (matplotlib, Agg):
 `accuracy_curves.png`, `grad_norms.png`, `inference.png`, `memory.png`. Nothing is measured here.
 """
 
@@ -11,13 +12,13 @@ from __future__ import annotations
 import json
 import os
 
-from rd_keras.bench import accuracy_report
+from rd_keras.bench import accuracy_report, exact_report
 from rd_keras.bench import common
 from rd_keras.bench.common import md_table, provenance
 
 FILES = {"inference": "inference.json", "memory": "memory.json", "train-step": "train_step.json",
          "transfer": "transfer.json", "feature-scale": "feature_scale.json",
-         "accuracy": "accuracy.json"}
+         "accuracy": "accuracy.json", **exact_report.FILES}
 PAPER = {"speedup": 1.4, "memory_ratio": 1.25, "memory_share": 0.40}
 
 
@@ -52,38 +53,54 @@ def accuracy_studies(found):
 # ----------------------------------------------------------------------------- sections
 
 
+def _has_exact(payload):
+    """Whether an inference or memory payload has the third row, the exact conversion (older JSON files
+    compare the ResNet and the plain net only)."""
+    return any("exact" in figure for r in payload["results"]
+               for figure in r.get("measurements") or [r["liveness"]["fp32"]])
+
+
 def inference_section(payload, img):
+    exact = _has_exact(payload)
     rows = []
     for r in payload["results"]:
         for m in r["measurements"]:
             latency = m["batch_size"] == 1
             key = "median_ms" if latency else "images_per_s"
+            sides = common.SIDES if exact else ("resnet", "plain")
             rows.append([r["pair"], m["runtime"], m["batch_size"], "ms" if latency else "img/s",
-                         m["resnet"][key], m["plain"][key], m["resnet"]["p90_ms"], m["plain"]["p90_ms"],
+                         *(m[side][key] for side in sides), *(m[side]["p90_ms"] for side in sides),
                          m["speedup"], m["paired_speedup"]["median"],
                          f"{m['paired_speedup']['q25']:.2f}–{m['paired_speedup']['q75']:.2f}",
-                         min(m["resnet"]["runs"], m["plain"]["runs"]), m.get("load_average")])
+                         *([m["exact_speedup"], m["paired_exact_speedup"]["median"]] if exact else []),
+                         min(m[side]["runs"] for side in sides), m.get("load_average")])
     sizes = [[r["pair"], r["params"]["resnet"] / 1e6, r["params"]["plain"] / 1e6,
-              r["multiply_adds"]["resnet"] / 1e6, r["multiply_adds"]["plain"] / 1e6, r["multiply_adds"]["ratio"]]
+              r["multiply_adds"]["resnet"] / 1e6, r["multiply_adds"]["plain"] / 1e6, r["multiply_adds"]["ratio"],
+              *([r["multiply_adds"]["exact"] / 1e6, r["multiply_adds"]["exact_ratio"]] if exact else [])]
              for r in payload["results"] if "multiply_adds" in r]
     s = payload["settings"]
+    names = ["ResNet", "plain", *(["exact"] if exact else [])]
     return "\n\n".join([
         "## Inference speed",
         provenance(payload),
         "What arithmetic alone predicts: the plain twin drops only the projection convs' multiply-adds "
-        "(MACs per image); identity shortcuts cost an add and memory traffic, no MACs.",
+        "(MACs per image); identity shortcuts cost an add and memory traffic, no MACs."
+        + (" **exact**: the ResNet's exact conversion (`rd_keras.export.exact`), whose widened convs are "
+           "computed dense." if exact else ""),
         md_table(sizes, ["pair", "ResNet params (M)", "plain params (M)", "ResNet MMACs", "plain MMACs",
-                         "MAC ratio"]) if sizes else "",
+                         "MAC ratio", *(["exact MMACs", "exact / plain MACs"] if exact else [])]) if sizes else "",
         f"Random weights, BN folded. Batch 1: median latency; batch > 1: images/s from the median batch "
         f"time. Each pair timed interleaved in one process ({s['warmup']} warm-up round(s), then "
         f"{s['min_runs']}–{s['runs']} rounds or {s['budget_s']} s). TFLite: XNNPACK delegate with "
         f"`_t<threads>` threads; Keras and SavedModel: TensorFlow's own thread pool "
         f"({s['tf_intra_op_threads']}). **speedup** = ResNet time / plain time (paper: "
         f"{PAPER['speedup']}x); **paired** = median of the per-round ratios, with its interquartile range; "
-        f"**load** = the 1-minute load average when the measurement ended (this benchmark itself counts "
+        + ("**exact / plain** = exact conversion time / plain time, and its paired median; " if exact else "")
+        + f"**load** = the 1-minute load average when the measurement ended (this benchmark itself counts "
         f"about 1-2; more means other processes were competing for the {payload['machine']['cpu_cores']} cores).",
-        md_table(rows, ["pair", "runtime", "batch", "unit", "ResNet", "plain", "ResNet p90 ms", "plain p90 ms",
-                        "speedup", "paired", "paired IQR", "runs", "load"]),
+        md_table(rows, ["pair", "runtime", "batch", "unit", *names, *(f"{n} p90 ms" for n in names),
+                        "speedup", "paired", "paired IQR", *(["exact / plain", "paired"] if exact else []),
+                        "runs", "load"]),
         f"![inference]({img}/inference.png)",
     ])
 
@@ -91,7 +108,10 @@ def inference_section(payload, img):
 def memory_section(payload, img):
     from rd_keras.bench import memory as bench_memory
 
+    exact = _has_exact(payload)
     rows = bench_memory.rows(payload["results"])
+    if not exact:  # drop the empty exact columns of an older file
+        rows = [[*r[:4], *r[5:7]] for r in rows]
     s = payload["settings"]
     return "\n\n".join([
         "## Feature-map memory at inference",
@@ -100,11 +120,15 @@ def memory_section(payload, img):
         f"conv+ReLU fused as TFLite does), fp32 and int8, batch {s['batch_size']}. **tflite arena**: "
         f"the read-write arena TFLite's planner allocates (feature maps plus kernel scratch such as im2col; "
         f"builtin kernels, 1 thread). **rss**: peak growth of a fresh process's resident memory during its "
-        f"first batch-{s['rss_batch']} call (Keras/TF, or LiteRT with XNNPACK, 1 thread). **two-buffer "
+        f"first batch-{s['rss_batch']} call (Keras/TF, or LiteRT with XNNPACK, 1 thread); *{bench_memory.BELOW_RESOLUTION}*: "
+        f"a growth smaller than the input and output of the net's largest conv, which the call must hold, "
+        f"so the call ran in memory the process already held and the reading measures nothing. **two-buffer "
         f"floor**: the largest input+output of a single layer, which no net of this shape sequence can go "
         f"below. ratio = ResNet / plain (paper: {PAPER['memory_ratio']}x); shortcut % = 1 - plain / ResNet "
-        f"(paper: ~{PAPER['memory_share']:.0%} for ResNet-50).",
-        md_table(rows, ["pair", "measure", "ResNet MiB", "plain MiB", "ratio", "shortcut %"]),
+        f"(paper: ~{PAPER['memory_share']:.0%} for ResNet-50)"
+        + ("; exact / plain = the exact conversion's figure / plain." if exact else "."),
+        md_table(rows, ["pair", "measure", "ResNet MiB", "plain MiB", *(["exact MiB"] if exact else []), "ratio",
+                        "shortcut %", *(["exact / plain"] if exact else [])]),
         f"![memory]({img}/memory.png)",
     ])
 
@@ -172,19 +196,22 @@ def plot_inference(payload, path):
     import numpy as np
 
     results = payload["results"]
+    sides = common.SIDES if _has_exact(payload) else ("resnet", "plain")
+    width = 0.8 / len(sides)
     batches = sorted({m["batch_size"] for r in results for m in r["measurements"]})
     fig, axes = plt.subplots(len(batches), len(results), figsize=(4.5 * len(results), 3.8 * len(batches)),
                              squeeze=False)
     for col, r in enumerate(results):
+        labels = {"resnet": r["resnet"], "plain": r["plain"], "exact": "exact conversion"}
         for row, batch in enumerate(batches):
             ms = [m for m in r["measurements"] if m["batch_size"] == batch]
             key = "median_ms" if batch == 1 else "images_per_s"
             x = np.arange(len(ms))
             ax = axes[row][col]
-            ax.bar(x - 0.2, [m["resnet"][key] for m in ms], 0.4, label=r["resnet"])
-            ax.bar(x + 0.2, [m["plain"][key] for m in ms], 0.4, label=r["plain"])
+            for k, side in enumerate(sides):
+                ax.bar(x + (k - (len(sides) - 1) / 2) * width, [m[side][key] for m in ms], width, label=labels[side])
             for i, m in enumerate(ms):
-                ax.annotate(f"{m['speedup']:.2f}x", (i, max(m["resnet"][key], m["plain"][key])),
+                ax.annotate(f"{m['speedup']:.2f}x", (i, max(m[side][key] for side in sides)),
                             ha="center", va="bottom", fontsize=7)
             ax.set_xticks(x, [m["runtime"] for m in ms], rotation=45, ha="right", fontsize=7)
             ax.set(title=f"{r['pair']} batch {batch}",
@@ -202,7 +229,13 @@ def plot_memory(payload, path):
 
     from rd_keras.bench import memory as bench_memory
 
-    rows = [r for r in bench_memory.rows(payload["results"]) if r[4] is not None]
+    def number(v):
+        return isinstance(v, (int, float))
+
+    # Figures measured on both ResNet and plain net (not a peak RSS below resolution).
+    rows = [r for r in bench_memory.rows(payload["results"]) if r[5] is not None]
+    sides = [(2, "ResNet"), (3, "plain")] + ([(4, "exact conversion")] if _has_exact(payload) else [])
+    width = 0.8 / len(sides)
     pairs = list(dict.fromkeys(r[0] for r in rows))
     measures = list(dict.fromkeys(r[1] for r in rows))
     fig, axes = plt.subplots(1, len(pairs), figsize=(4.5 * len(pairs), 4.5), squeeze=False)
@@ -211,10 +244,12 @@ def plot_memory(payload, path):
         sel = {r[1]: r for r in rows if r[0] == pair}
         names = [m for m in measures if m in sel]
         x = np.arange(len(names))
-        ax.bar(x - 0.2, [sel[n][2] for n in names], 0.4, label="ResNet")
-        ax.bar(x + 0.2, [sel[n][3] for n in names], 0.4, label="plain")
+        for k, (index, label) in enumerate(sides):
+            ax.bar(x + (k - (len(sides) - 1) / 2) * width,
+                   [sel[n][index] if number(sel[n][index]) else 0 for n in names], width, label=label)
         for i, n in enumerate(names):
-            ax.annotate(f"{sel[n][4]:.2f}x", (i, max(sel[n][2], sel[n][3])), ha="center", va="bottom", fontsize=7)
+            top = max(sel[n][index] for index, _ in sides if number(sel[n][index]))
+            ax.annotate(f"{sel[n][5]:.2f}x", (i, top), ha="center", va="bottom", fontsize=7)
         ax.set_xticks(x, names, rotation=45, ha="right", fontsize=7)
         ax.set(title=pair, ylabel="MiB", yscale="log")
         ax.legend(fontsize=7)
@@ -256,6 +291,9 @@ def run(args):
     if "memory" in found:
         plot_memory(found["memory"], os.path.join(args.img_dir, "memory.png"))
         sections.append(memory_section(found["memory"], img))
+    exact = exact_report.section(found)
+    if exact:
+        sections.append(exact)
     if "train-step" in found:
         sections.append(train_step_section(found["train-step"]))
     if "transfer" in found:
