@@ -186,6 +186,14 @@ def test_accuracy_curves_named_by_split_teacher_time_and_versions():
     assert bench_accuracy.version_note(results[:1]) is None
 
 
+def test_accuracy_table_shows_a_failed_run_beside_finished_ones():
+    # A study whose second run was killed printed nothing and wrote no JSON: the failed row was a cell short.
+    finished = {"depth": 56, "name": "d56_resnet", "val_acc": 0.81, "test_acc": 0.8, "teacher_acc": None,
+                "final_train_ce": 0.45, "wall_s": 600.0, "reused": False}
+    lines = bench_accuracy.table([finished, {"depth": 56, "name": "d56_resnet_s1", "failed": True}]).splitlines()
+    assert len(lines) == 4 and lines[-1].split()[-1] == "failed" and lines[-2].split()[:4] == ["56", "d56_resnet", "81", "80"]
+
+
 def test_accuracy_plan_variants_and_seeds(tmp_path):
     parser = bench.parser_for(["accuracy"])
     args = parser.parse_args(["accuracy", "--epochs=2", "--depths=20", "--runs=resnet,plain,rd_joint@1", "--seeds=0,1",

@@ -320,7 +320,7 @@ def table(results) -> str:
     rows = []
     for r in results:
         if r.get("failed"):
-            rows.append([r["depth"], r["name"], None, None, None, None, None, "failed"])
+            rows.append([r["depth"], r["name"], None, None, None, None, None, None, "failed"])
             continue
         rows.append([r["depth"], r["name"], _pct(r.get("val_acc")), 100 * r["test_acc"], _pct(r["teacher_acc"]),
                      r["final_train_ce"], r["wall_s"] / 60, r.get("total_wall_s", r["wall_s"]) / 60,
@@ -354,6 +354,8 @@ def run(args):
     payload = {"command": "accuracy", "machine": common.machine(args.argv, load_at_start), "budget": budget,
                "settings": {"parallel": args.parallel, "out": args.out, "reuse_json": args.reuse_json},
                "results": results, "summary": summary}
+    if args.json:  # first: the finished runs are on record whatever printing does
+        common.write_json(args.json, payload)
     print(f"budget: {budget['epochs']} epochs, width {budget['width']}, train_subset {budget['train_subset']} "
           f"(0 = all), batch {budget['batch_size']}, validation_split {budget['validation_split']}, "
           f"config {budget['config']}")
@@ -362,8 +364,6 @@ def run(args):
     note = version_note(results)
     if note:
         print(note)
-    if args.json:
-        common.write_json(args.json, payload)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)}")
     return payload
